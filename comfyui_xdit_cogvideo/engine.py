@@ -1,0 +1,166 @@
+"""One rank's CogVideoX engine: resident weights, the stock diffusers pipeline, a parallel transformer.
+
+Every rank of a layout builds an engine and calls ``generate`` with the same request; each runs the same
+diffusers loop with the same CPU generator, so all ranks hold identical latents and only the transformer's
+forward is shared out. The leader (rank 0) encodes text once and broadcasts the embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .layout import check_layout
+from .loading import (ModelSource, load_scheduler, load_text_encoder, load_transformer, load_vae,
+                      parse_dtype)
+from .parallel import ParallelGroups, parallelize_transformer
+from .parallel.kernels import resolve_kernel
+from .request import GenerationRequest, latent_frames
+
+StepCallback = Callable[[int, int, torch.Tensor], None]
+
+
+class GenerationCancelled(RuntimeError):
+    """The caller cancelled the job; the engine stopped at a step boundary and stays usable."""
+
+
+class CogVideoEngine:
+    def __init__(
+        self,
+        source: ModelSource | str,
+        *,
+        dtype: str = "bf16",
+        device: str | torch.device = "cpu",
+        groups: ParallelGroups | None = None,
+        attention: str = "auto",
+    ):
+        self.source = ModelSource(source) if isinstance(source, str) else source
+        self.resolved = self.source.resolve()
+        self.dtype, self.device = parse_dtype(dtype), torch.device(device)
+        self.groups = groups or ParallelGroups.single()
+        self.transformer, self.info = load_transformer(self.resolved, self.dtype, self.device)
+        check_layout(self.groups.layout, heads=self.info.heads, use_cfg=True)
+        self.attention = resolve_kernel(attention, self.device)
+        parallelize_transformer(self.transformer, self.groups, self.attention)
+        self._vae = None
+        self._text = None
+
+    @property
+    def vae(self):
+        if self._vae is None:
+            self._vae = load_vae(self.resolved, self.dtype, self.device, self.info)
+        return self._vae
+
+    @property
+    def has_vae(self) -> bool:
+        return self.resolved.vae is not None
+
+    def _pipeline(self, scheduler: str | None, text: bool = False):
+        from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
+
+        cls = CogVideoXImageToVideoPipeline if self.info.image_to_video else CogVideoXPipeline
+        tokenizer, encoder = self._text_encoder() if text else (None, None)
+        vae = self.vae if (self.info.image_to_video or self.has_vae) else None
+        pipe = cls(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=self.transformer,
+                   scheduler=load_scheduler(self.resolved, self.info, scheduler))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _text_encoder(self):
+        if self._text is None:
+            self._text = load_text_encoder(self.resolved, self.dtype, self.device)
+        return self._text
+
+    def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 embeddings [1, 226, D] for prompt and negative prompt, exactly as diffusers' pipeline makes them."""
+        pipe = self._pipeline(None, text=True)
+        return pipe.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=True,
+                                  num_videos_per_prompt=1, max_sequence_length=self.info.text_len,
+                                  device=self.device, dtype=self.dtype)
+
+    def _embeddings(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Leader encodes whatever text is missing; all ranks receive the same tensors."""
+        need_negative = r.use_cfg and r.negative_prompt_embeds is None
+        if r.prompt_embeds is not None and not need_negative:
+            return r.prompt_embeds, r.negative_prompt_embeds
+        shape = (1, self.info.text_len, self.info.text_dim)
+        if self.groups.is_leader:
+            positive, negative = self.encode_prompt(r.prompt or "", r.negative_prompt)
+            pair = torch.stack([positive, negative]).float().cpu()
+        else:
+            pair = torch.empty((2, *shape))
+        if self.groups.layout.world_size > 1:
+            dist.broadcast(pair, src=dist.get_global_rank(self.groups.control, 0), group=self.groups.control)
+        positive = r.prompt_embeds if r.prompt_embeds is not None else pair[0]
+        negative = r.negative_prompt_embeds if r.negative_prompt_embeds is not None else pair[1]
+        return positive, negative
+
+    @torch.no_grad()
+    def generate(
+        self,
+        request: GenerationRequest,
+        on_step: StepCallback | None = None,
+        should_cancel: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Latents shaped like ``CogVideoXPipeline(output_type="latent").frames`` (on CPU, model dtype)."""
+        r = request.resolved(self.info)
+        check_layout(self.groups.layout, heads=self.info.heads, use_cfg=r.use_cfg)
+        positive, negative = self._embeddings(r)
+        pipe = self._pipeline(r.scheduler)
+        cancelled = False
+
+        def step_end(pipe_, i, t, kwargs):
+            nonlocal cancelled
+            stop = bool(should_cancel and should_cancel())
+            if self.groups.layout.world_size > 1:
+                flag = torch.tensor([int(stop)])
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.groups.control)
+                stop = bool(flag.item())
+            if stop:
+                cancelled = True
+                pipe_._interrupt = True
+            elif on_step is not None and self.groups.is_leader:
+                on_step(i + 1, r.steps, kwargs["latents"])
+            return {}
+
+        kwargs = dict(
+            prompt_embeds=positive.to(self.device, self.dtype),
+            negative_prompt_embeds=None if negative is None else negative.to(self.device, self.dtype),
+            num_frames=r.frames, height=r.height, width=r.width, num_inference_steps=r.steps,
+            guidance_scale=r.guidance, use_dynamic_cfg=r.dynamic_cfg,
+            generator=torch.Generator("cpu").manual_seed(r.seed), output_type="latent",
+            callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"],
+        )
+        if self.info.image_to_video:
+            kwargs["image"] = r.image.permute(2, 0, 1).unsqueeze(0).float().clamp(0, 1)
+        latents = pipe(**kwargs).frames
+        if cancelled:
+            raise GenerationCancelled("generation cancelled")
+        return latents.cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, frames: int | None = None, tiled: bool = False) -> torch.Tensor:
+        """Video frames [F, H, W, 3] in 0..1 (first video of the batch), through the model's VAE.
+
+        ``frames`` (the requested count) drops the temporal padding CogVideoX 1.5 adds, as the pipeline does.
+        """
+        vae = self.vae
+        if frames is not None:
+            extra = latents.shape[1] - (frames - 1) // 4 - 1
+            if extra < 0:
+                raise ValueError(f"latents hold {latents.shape[1]} frames, fewer than {frames} video frames need")
+            latents = latents[:, extra:]
+        z = latents.to(self.device, vae.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+        if tiled:
+            vae.enable_tiling()
+        else:
+            vae.disable_tiling()
+        video = vae.decode(z).sample
+        return ((video[0].float() / 2 + 0.5).clamp(0, 1)).permute(1, 2, 3, 0).cpu()
+
+
+def expected_latent_shape(request: GenerationRequest, info) -> tuple[int, ...]:
+    r = request.resolved(info)
+    return (1, latent_frames(r.frames, info), info.latent_channels, r.height // 8, r.width // 8)
