@@ -106,16 +106,9 @@ def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch
             raise ModelError(f"{str(path)!r} holds no .safetensors weights (only safetensors are loaded)")
         model = CogVideoXTransformer3DModel.from_pretrained(path, torch_dtype=dtype).to(device)
         return model.eval().requires_grad_(False), ModelInfo.from_config(model.config)
-    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
-        prefix = strip_prefix(keys)
-        shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
-    config_file = path.with_suffix(".json")
-    config = json.loads(config_file.read_text()) if config_file.exists() else config_from_shapes(shapes)
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    prefix, config = _file_config(path)
     with torch.device("meta"):
         model = CogVideoXTransformer3DModel(**config)
     state = {k[len(prefix):]: v for k, v in load_file(str(path), device=str(device)).items() if k.startswith(prefix)}
@@ -179,3 +172,30 @@ def load_text_encoder(resolved: ResolvedSource, dtype: torch.dtype, device: torc
     tokenizer = AutoTokenizer.from_pretrained(resolved.tokenizer)
     encoder = T5EncoderModel.from_pretrained(resolved.text_encoder, torch_dtype=dtype).to(device)
     return tokenizer, encoder.eval().requires_grad_(False)
+
+
+def read_model_info(source: ModelSource) -> ModelInfo:
+    """The model's ModelInfo from its config or the weights' header alone (no tensors are read)."""
+    resolved = source.resolve()
+    path = resolved.transformer
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{str(path)!r} has no config.json")
+        return ModelInfo.from_config(_read_config(path))
+    return ModelInfo.from_config(_file_config(path)[1])
+
+
+def _file_config(path: Path) -> tuple[str, dict]:
+    """(key prefix, transformer config) of a single .safetensors file: from ``<file>.json`` or the shapes."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            prefix = strip_prefix(keys)
+            shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
+    except (OSError, RuntimeError) as error:
+        raise ModelError(f"cannot read {str(path)!r} as safetensors: {error}") from None
+    config_file = path.with_suffix(".json")
+    config = json.loads(config_file.read_text()) if config_file.exists() else config_from_shapes(shapes)
+    return prefix, {k: v for k, v in config.items() if not k.startswith("_")}
