@@ -55,7 +55,9 @@ class ParallelGroups:
             return cls.single()
         if not dist.is_initialized():
             raise RuntimeError(f"layout {layout} needs torch.distributed to be initialized")
-        ranks = list(range(layout.world_size)) if ranks is None else list(ranks)
+        ranks = list(range(layout.world_size)) if ranks is None else sorted(ranks)
+        if layout.world_size > dist.get_world_size():
+            raise ValueError(f"layout {layout} needs {layout.world_size} ranks, the world has {dist.get_world_size()}")
         if len(ranks) != layout.world_size:
             raise ValueError(f"layout {layout} needs {layout.world_size} ranks, got {len(ranks)}")
         me = dist.get_rank()

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny models are built once per test session into a private cache folder."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_CACHE = Path(os.environ.get("XDIT_COGVIDEO_TEST_CACHE") or Path(tempfile.gettempdir()) / "xdit-cogvideo-test-cache")
+os.environ["XDIT_COGVIDEO_CACHE"] = str(_CACHE)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_cache() -> Path:
+    """The folder tiny models are cached in (also exported as XDIT_COGVIDEO_CACHE for spawned processes)."""
+    return _CACHE
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tiny_cache):
+    """``tiny_path(variant)`` -> the tiny model folder, built on first use."""
+    from comfyui_xdit_cogvideo.tiny import ensure_tiny
+
+    return lambda variant="2b": ensure_tiny(variant)

@@ -1,0 +1,81 @@
+"""The layout-equality matrix: which tiny model, request and layouts each case runs (shared by ranks)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest, Layout
+from comfyui_xdit_cogvideo.parallel import ParallelGroups
+
+L = Layout
+CASES = {
+    # 18 video tokens: even on 2 and 3, padded on 4.
+    "2b": ("2b", dict(frames=9, height=32, width=48),
+           [L(2), L(1, 2), L(1, 1, 2), L(2, 2), L(2, 1, 2), L(1, 2, 2), L(1, 1, 3), L(1, 3), L(1, 1, 4)]),
+    # 16 video tokens: padded on 3.
+    "2b-uneven": ("2b", dict(frames=13, height=32, width=32), [L(1, 1, 3), L(1, 3)]),
+    "5b-dpm-dynamic": ("5b", dict(frames=9, height=32, width=48, scheduler="dpm", dynamic_cfg=True),
+                       [L(2), L(1, 2), L(1, 1, 2), L(2, 1, 2), L(1, 2, 2), L(1, 1, 3), L(1, 3), L(1, 1, 4)]),
+    # 1.5 at 17 frames: 5 latent frames padded to 6, 3 temporal patches x 6 = 18 tokens.
+    "1.5": ("1.5", dict(frames=17, height=32, width=48), [L(2), L(1, 2), L(1, 1, 2), L(1, 1, 3), L(1, 3), L(1, 1, 4),
+                                                          L(2, 2)]),
+    "5b-i2v": ("5b-i2v", dict(frames=9, height=32, width=48, image=True), [L(2), L(1, 2), L(1, 1, 2), L(1, 1, 3),
+                                                                            L(2, 2), L(1, 2, 2)]),
+    "1.5-i2v": ("1.5-i2v", dict(frames=9, height=32, width=48, image=True), [L(2), L(1, 3), L(1, 1, 4), L(1, 2, 2)]),
+}
+EIGHT_RANK_CASES = {
+    "5b-8": ("5b", dict(frames=9, height=32, width=48), [L(2, 2, 2), L(2, 1, 4)]),
+    "2b-uneven-6": ("2b", dict(frames=13, height=32, width=32), [L(2, 1, 3), L(2, 3, 1)]),
+}
+PROMPT, STEPS, SEED = "a cat playing piano at sunset", 3, 1234
+
+
+def test_image() -> Image.Image:
+    y, x = np.mgrid[0:32, 0:48]
+    rgb = np.stack([x * 5, y * 7, (x + y) * 3], axis=-1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def request_for(kwargs: dict) -> GenerationRequest:
+    kwargs = dict(kwargs)
+    image = None
+    if kwargs.pop("image", False):
+        image = torch.from_numpy(np.asarray(test_image(), dtype=np.float32) / 255.0)
+    return GenerationRequest(prompt=PROMPT, steps=STEPS, seed=SEED, image=image, **kwargs)
+
+
+def run_cases(rank: int, cases: dict, paths: dict) -> dict:
+    """Every layout of every case; the leader of each layout returns its latents as numpy."""
+    torch.manual_seed(rank)
+    results = {}
+    for name, (variant, kwargs, layouts) in cases.items():
+        for layout in layouts:
+            groups = ParallelGroups.create(layout)
+            if groups is None:
+                continue
+            engine = CogVideoEngine(str(paths[variant]), dtype="fp32", groups=groups)
+            latents = engine.generate(request_for(kwargs))
+            if groups.is_leader:
+                results[(name, str(layout))] = latents.numpy()
+    return results
+
+
+def reference(path, kwargs: dict) -> torch.Tensor:
+    """Single-process stock diffusers output for the same request."""
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline, CogVideoXDPMScheduler
+
+    kwargs = dict(kwargs)
+    image = kwargs.pop("image", False)
+    scheduler = kwargs.pop("scheduler", None)
+    dynamic = kwargs.pop("dynamic_cfg", False)
+    cls = CogVideoXImageToVideoPipeline if image else CogVideoXPipeline
+    pipe = cls.from_pretrained(path)
+    if scheduler == "dpm":
+        pipe.scheduler = CogVideoXDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    extra = {"image": test_image()} if image else {}
+    return pipe(prompt=PROMPT, num_frames=kwargs["frames"], height=kwargs["height"], width=kwargs["width"],
+                num_inference_steps=STEPS, guidance_scale=6.0, use_dynamic_cfg=dynamic,
+                generator=torch.Generator().manual_seed(SEED), output_type="latent", **extra).frames

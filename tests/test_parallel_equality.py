@@ -1,0 +1,73 @@
+"""The core promise: every parallel layout returns the single-process diffusers latents (fp32, CPU, gloo)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distributed import run_world
+from parallel_cases import CASES, EIGHT_RANK_CASES, reference, run_cases
+
+REL_TOL = 1e-4
+
+
+def _sweep(cases, world, tiny_path):
+    paths = {variant: tiny_path(variant) for variant, _, _ in cases.values()}
+    merged = {}
+    for part in run_world(world, run_cases, cases, paths):
+        merged.update(part)
+    return merged, paths
+
+
+@pytest.fixture(scope="module")
+def four_rank_results(tiny_path):
+    return _sweep(CASES, 4, tiny_path)
+
+
+@pytest.fixture(scope="module")
+def eight_rank_results(tiny_path):
+    return _sweep(EIGHT_RANK_CASES, 8, tiny_path)
+
+
+@pytest.fixture(scope="module")
+def references(tiny_path):
+    cache = {}
+
+    def get(name, cases):
+        if name not in cache:
+            variant, kwargs, _ = cases[name]
+            cache[name] = reference(tiny_path(variant), kwargs)
+        return cache[name]
+
+    return get
+
+
+def _check(results, name, layout, ref):
+    got = torch.from_numpy(results[(name, layout)])
+    assert got.shape == ref.shape
+    err = (got - ref).abs().max().item() / ref.abs().max().item()
+    assert err < REL_TOL, f"{name} {layout}: relative error {err:.2e}"
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name,layout", [(n, str(l)) for n, (_, _, ls) in CASES.items() for l in ls])
+def test_layout_matches_diffusers(four_rank_results, references, name, layout):
+    results, _ = four_rank_results
+    _check(results, name, layout, references(name, CASES))
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name,layout", [(n, str(l)) for n, (_, _, ls) in EIGHT_RANK_CASES.items() for l in ls])
+def test_eight_rank_layout_matches_diffusers(eight_rank_results, references, name, layout):
+    results, _ = eight_rank_results
+    _check(results, name, layout, references(name, EIGHT_RANK_CASES))
+
+
+def test_single_process_matches_diffusers(tiny_path, references):
+    from comfyui_xdit_cogvideo import CogVideoEngine
+    from parallel_cases import request_for
+
+    for name in ("2b", "1.5-i2v"):
+        variant, kwargs, _ = CASES[name]
+        latents = CogVideoEngine(str(tiny_path(variant)), dtype="fp32").generate(request_for(kwargs))
+        assert torch.equal(latents, references(name, CASES)), name
