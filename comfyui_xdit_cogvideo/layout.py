@@ -111,9 +111,9 @@ def choose_layout(
         if all(want is None or want == got for want, got in
                ((cfg, layout.cfg), (ulysses, layout.ulysses), (ring, layout.ring))):
             return layout
-    explicit = Layout(cfg or 1, ulysses or 1, ring or 1)
-    if None not in (cfg, ulysses, ring) or world_size % max(1, explicit.world_size) == 0:
-        check_layout(explicit, heads=heads, use_cfg=use_cfg, world_size=world_size if None not in (cfg, ulysses, ring) else None)
+    complete = None not in (cfg, ulysses, ring)
+    check_layout(Layout(cfg or 1, ulysses or 1, ring or 1), heads=heads, use_cfg=use_cfg,
+                 world_size=world_size if complete else None)
     valid = ", ".join(str(x) for x in candidate_layouts(world_size, heads=heads, use_cfg=use_cfg))
     raise LayoutError(
         f"no valid layout for {world_size} ranks with cfg={cfg}, ulysses={ulysses}, ring={ring} "

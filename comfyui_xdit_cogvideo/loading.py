@@ -108,8 +108,10 @@ def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch
         return model.eval().requires_grad_(False), ModelInfo.from_config(model.config)
     from safetensors.torch import load_file
 
+    from accelerate import init_empty_weights
+
     prefix, config = _file_config(path)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):
         model = CogVideoXTransformer3DModel(**config)
     state = {k[len(prefix):]: v for k, v in load_file(str(path), device=str(device)).items() if k.startswith(prefix)}
     expected = set(model.state_dict())
@@ -121,9 +123,6 @@ def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch
         if tuple(state[key].shape) != tuple(value.shape):
             raise ModelError(f"{path.name}: {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True, strict=False)
-    for name, buffer in list(model.named_buffers()):
-        if buffer.is_meta:
-            raise ModelError(f"{name} was not restored")
     model = model.to(device)
     return model.eval().requires_grad_(False), ModelInfo.from_config(config)
 
@@ -142,7 +141,8 @@ def load_scheduler(resolved: ResolvedSource, info: ModelInfo, kind: str | None):
     else:
         from .tiny import _SCHEDULER
 
-        config = dict(_SCHEDULER, snr_shift_scale=3.0 if info.variant == "2b" else 1.0)
+        # Published configs: the 2b (the only model with sin-cos positions) shifts SNR by 3, the rest by 1.
+        config = dict(_SCHEDULER, snr_shift_scale=1.0 if info.rotary else 3.0)
         default = "ddim"
     return classes[kind or default].from_config(config)
 
@@ -187,14 +187,14 @@ def read_model_info(source: ModelSource) -> ModelInfo:
 
 def _file_config(path: Path) -> tuple[str, dict]:
     """(key prefix, transformer config) of a single .safetensors file: from ``<file>.json`` or the shapes."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
             prefix = strip_prefix(keys)
             shapes = {k[len(prefix):]: tuple(f.get_slice(k).get_shape()) for k in keys if k.startswith(prefix)}
-    except (OSError, RuntimeError) as error:
+    except (OSError, SafetensorError) as error:
         raise ModelError(f"cannot read {str(path)!r} as safetensors: {error}") from None
     config_file = path.with_suffix(".json")
     config = json.loads(config_file.read_text()) if config_file.exists() else config_from_shapes(shapes)

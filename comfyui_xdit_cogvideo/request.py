@@ -41,8 +41,9 @@ class GenerationRequest:
     def resolved(self, info: ModelInfo) -> "GenerationRequest":
         """A copy with model defaults filled in, validated; raises RequestError."""
         height, width = info.default_size
-        request = replace(self, frames=self.frames or info.default_frames,
-                          height=self.height or height, width=self.width or width)
+        pick = lambda value, default: default if value is None else value  # noqa: E731
+        request = replace(self, frames=pick(self.frames, info.default_frames), height=pick(self.height, height),
+                          width=pick(self.width, width))
         validate_request(request, info)
         return request
 

@@ -117,11 +117,11 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
         in_channels = proj[1] // (patch * patch * patch_t)
     out_channels = out_features // (patch * patch * (patch_t or 1))
     learned = "patch_embed.pos_embedding" in shapes
-    v15 = patch_t is not None
+    v15 = patch_t is not None  # 1.5's linear patch embed always has a bias; patch_bias only affects 1.0's conv
     config = dict(
         num_attention_heads=inner // head_dim, attention_head_dim=head_dim, in_channels=in_channels,
         out_channels=out_channels, time_embed_dim=time_dim, text_embed_dim=text_dim, num_layers=layers,
-        patch_size=patch, patch_size_t=patch_t, patch_bias="patch_embed.proj.bias" in shapes,
+        patch_size=patch, patch_size_t=patch_t, patch_bias=not v15 and "patch_embed.proj.bias" in shapes,
         use_rotary_positional_embeddings=inner != 1920, use_learned_positional_embeddings=learned,
         sample_height=300 if v15 else 60, sample_width=300 if v15 else 90, sample_frames=81 if v15 else 49,
         ofs_embed_dim=shapes["ofs_embedding.linear_1.weight"][0] if "ofs_embedding.linear_1.weight" in shapes else None,

@@ -1,0 +1,145 @@
+"""Model loading through the real on-disk formats, config detection from shapes, and clear load errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest, ModelError, ModelSource
+from comfyui_xdit_cogvideo.loading import read_model_info
+from comfyui_xdit_cogvideo.variants import config_from_shapes
+
+REAL_CONFIGS = {
+    "2b": dict(num_attention_heads=30, num_layers=30),
+    "5b": dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
+    "5b-i2v": dict(num_attention_heads=48, num_layers=42, in_channels=32, use_rotary_positional_embeddings=True,
+                   use_learned_positional_embeddings=True),
+    "1.5-5b": dict(num_attention_heads=48, num_layers=42, patch_size_t=2, patch_bias=False, sample_height=300,
+                   sample_width=300, sample_frames=81, use_rotary_positional_embeddings=True),
+    "1.5-5b-i2v": dict(num_attention_heads=48, num_layers=42, in_channels=32, patch_size_t=2, patch_bias=False,
+                       sample_height=300, sample_width=300, sample_frames=81, ofs_embed_dim=512,
+                       use_rotary_positional_embeddings=True),
+}
+REQUEST = dict(prompt="a dog running on the beach", frames=9, height=32, width=48, steps=2, seed=3)
+
+
+@pytest.mark.parametrize("variant", REAL_CONFIGS)
+def test_full_size_config_is_detected_from_shapes(variant):
+    from diffusers import CogVideoXTransformer3DModel
+
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel(**REAL_CONFIGS[variant])
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    detected = config_from_shapes(shapes)
+    for key, value in model.config.items():
+        if key in detected:
+            assert detected[key] == value, (variant, key)
+    from comfyui_xdit_cogvideo.variants import ModelInfo
+
+    assert ModelInfo.from_config(detected).variant == variant
+
+
+def _single_file(tmp_path, folder, prefix="model.diffusion_model.", sidecar=True):
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    path = tmp_path / "cogvideox_transformer.safetensors"
+    save_file({prefix + k: v for k, v in state.items()}, str(path))
+    if sidecar:
+        path.with_suffix(".json").write_text((folder / "transformer" / "config.json").read_text())
+    return path
+
+
+@pytest.mark.parametrize("variant", ["2b", "5b", "1.5-i2v"])
+def test_single_file_transformer_equals_folder(tmp_path, tiny_path, variant):
+    folder = tiny_path(variant)
+    path = _single_file(tmp_path, folder)
+    request = GenerationRequest(**REQUEST, image=torch.rand(32, 48, 3) if variant.endswith("i2v") else None)
+    reference = CogVideoEngine(str(folder), dtype="fp32").generate(request)
+    source = ModelSource(str(path), vae=str(folder / "vae"), text_encoder=str(folder / "text_encoder"))
+    engine = CogVideoEngine(source, dtype="fp32")
+    assert read_model_info(source) == engine.info
+    assert torch.equal(engine.generate(request), reference)
+    frames = engine.decode(reference, frames=9)
+    assert frames.shape == (9, 32, 48, 3)
+
+
+@pytest.mark.parametrize("variant", ["5b", "1.5"])
+def test_single_file_without_config_is_detected(tmp_path, tiny_path, variant):
+    """Without a sidecar config only the published sample sizes are assumed; everything else comes from shapes."""
+    folder = tiny_path(variant)
+    path = _single_file(tmp_path, folder, prefix="", sidecar=False)
+    detected, actual = read_model_info(ModelSource(str(path))), read_model_info(ModelSource(str(folder)))
+    ignore = {"variant", "sample_height", "sample_width", "sample_frames"}
+    assert {k: v for k, v in vars(detected).items() if k not in ignore} == \
+        {k: v for k, v in vars(actual).items() if k not in ignore}
+    engine = CogVideoEngine(ModelSource(str(path), text_encoder=str(folder / "text_encoder")), dtype="fp32")
+    assert torch.isfinite(engine.generate(GenerationRequest(**REQUEST))).all()
+
+
+def test_precomputed_embeddings_equal_text(tiny_path):
+    engine = CogVideoEngine(str(tiny_path("2b")), dtype="fp32")
+    positive, negative = engine.encode_prompt(REQUEST["prompt"])
+    assert positive.shape == (1, 226, 32)
+    by_text = engine.generate(GenerationRequest(**REQUEST))
+    by_embeds = engine.generate(GenerationRequest(**{**REQUEST, "prompt": None}, prompt_embeds=positive,
+                                                  negative_prompt_embeds=negative))
+    assert torch.equal(by_text, by_embeds)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_loads_and_runs(tiny_path, dtype):
+    engine = CogVideoEngine(str(tiny_path("5b")), dtype=dtype)
+    assert next(engine.transformer.parameters()).dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    latents = engine.generate(GenerationRequest(**REQUEST))
+    assert torch.isfinite(latents.float()).all()
+
+
+def test_load_errors_name_the_problem(tmp_path, tiny_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        CogVideoEngine(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match="has no transformer/ folder"):
+        CogVideoEngine(str(tmp_path / "empty"))
+    (tmp_path / "model.ckpt").write_bytes(b"x")
+    with pytest.raises(ModelError, match="not a .safetensors file"):
+        CogVideoEngine(str(tmp_path / "model.ckpt"))
+    (tmp_path / "garbage.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ModelError, match="cannot read"):
+        CogVideoEngine(str(tmp_path / "garbage.safetensors"))
+    save_file({"model.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ModelError, match="no CogVideoX transformer weights"):
+        CogVideoEngine(str(tmp_path / "other.safetensors"))
+    save_file({"model.diffusion_model.mixins.patch_embed.proj.weight": torch.zeros(2)}, str(tmp_path / "sat.safetensors"))
+    with pytest.raises(ModelError, match="SAT-format"):
+        CogVideoEngine(str(tmp_path / "sat.safetensors"))
+    with pytest.raises(ModelError, match="unknown dtype 'fp8'"):
+        CogVideoEngine("tiny", dtype="fp8")
+    with pytest.raises(ModelError, match="unknown tiny model"):
+        CogVideoEngine("tiny-7b")
+
+
+def test_truncated_and_mismatched_weights_are_rejected(tmp_path, tiny_path):
+    folder = tiny_path("5b")
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    del state["transformer_blocks.1.ff.net.2.weight"]
+    save_file(state, str(tmp_path / "truncated.safetensors"))
+    with pytest.raises(ModelError, match="missing .*transformer_blocks.1.ff.net.2.weight"):
+        CogVideoEngine(str(tmp_path / "truncated.safetensors"))
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    save_file(state, str(tmp_path / "wrong.safetensors"))
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    config["num_attention_heads"] = 3
+    config["attention_head_dim"] = 32
+    (tmp_path / "wrong.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError, match="has shape"):
+        CogVideoEngine(str(tmp_path / "wrong.safetensors"))
+    shutil_free = tmp_path / "novae"
+    shutil_free.mkdir()
+    (shutil_free / "transformer").symlink_to(folder / "transformer")
+    engine = CogVideoEngine(str(shutil_free), dtype="fp32")
+    with pytest.raises(ModelError, match="no VAE"):
+        engine.decode(torch.zeros(1, 3, 4, 4, 6))
+    with pytest.raises(ModelError, match="no text encoder"):
+        engine.generate(GenerationRequest(**REQUEST))
