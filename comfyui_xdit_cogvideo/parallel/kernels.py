@@ -44,6 +44,7 @@ def _with_lse(q, k, v):
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             qt, kt, vt, None, True, 0.0, False, False
         )[:2]
+        lse = lse.squeeze(-1) if lse.dim() == 4 else lse
     else:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False)[:2]
     return out.transpose(1, 2), lse
