@@ -1,0 +1,35 @@
+"""ComfyUI nodes for multi-GPU CogVideoX (V3 node API: ``comfy_api.latest``).
+
+Importing this package registers the ``CogVideo`` model folder and two HTTP routes, nothing more: the engine and
+its worker pool are imported and started by the first node that runs.
+"""
+
+from __future__ import annotations
+
+from typing_extensions import override
+
+from comfy_api.latest import ComfyExtension, io
+
+from .models import ModelLoader, register_folders
+from .parallel import ParallelConfigNode
+from .routes import register_routes
+from .sampler import Sampler
+from .text import TextEncodeCLIP, TextEncodeModelT5
+from .video import Decode, SaveVideo
+
+NODES: list[type[io.ComfyNode]] = [
+    ModelLoader, ParallelConfigNode, TextEncodeCLIP, TextEncodeModelT5, Sampler, Decode, SaveVideo,
+]
+
+register_folders()
+register_routes()
+
+
+class XDiTCogVideoExtension(ComfyExtension):
+    @override
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> XDiTCogVideoExtension:
+    return XDiTCogVideoExtension()

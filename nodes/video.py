@@ -1,0 +1,113 @@
+"""Decode (the pool's parallel tiled VAE decode) and a plain mp4 writer for ComfyUI builds without VIDEO nodes."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io, ui
+
+from .common import CATEGORY, LATENT_KEY, ModelType, ParallelType, get_pool, run_pool_job
+
+
+def latents_for_pool(samples: dict) -> tuple[torch.Tensor, int | None]:
+    """LATENT dict from our sampler -> (diffusers-layout latents [B, F, C, h, w], requested frame count)."""
+    if not isinstance(samples, dict) or "samples" not in samples:
+        raise ValueError("samples must be a LATENT from 'xDiT CogVideoX Sampler'")
+    latents = samples["samples"]
+    if latents.dim() != 5:
+        raise ValueError(f"CogVideoX latents are 5-D [batch, channels, frames, height/8, width/8]; got "
+                         f"{list(latents.shape)} (is this an image latent?)")
+    frames = (samples.get(LATENT_KEY) or {}).get("frames")
+    return latents.permute(0, 2, 1, 3, 4).contiguous(), frames
+
+
+class Decode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XDiTCogVideoDecode",
+            display_name="xDiT CogVideoX Decode",
+            category=CATEGORY,
+            description=("Decodes a CogVideoX latent to frames with the model's VAE on the worker pool; tiled decode "
+                         "spreads the tiles over all ranks."),
+            inputs=[
+                ModelType.Input("model", tooltip="The same model handle the sampler used (its VAE decodes)."),
+                io.Latent.Input("samples", tooltip="Latent from 'xDiT CogVideoX Sampler'."),
+                io.Boolean.Input("tiled", default=True, tooltip=(
+                    "Tiled decode (overlapping spatial tiles, blended as diffusers does), split over the pool's GPUs: "
+                    "much less memory and faster on several GPUs. Off = one untiled decode on the first GPU.")),
+                ParallelType.Input("parallel", optional=True, tooltip=(
+                    "Connect the sampler's Parallel Config so the decode runs on the same pool.")),
+            ],
+            outputs=[io.Image.Output(display_name="images", tooltip="Frames [F, H, W, 3] in 0..1.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, samples, tiled=True, parallel=None) -> io.NodeOutput:
+        latents, frames = latents_for_pool(samples)
+        pool = get_pool(parallel.devices if parallel is not None else None)
+        images = run_pool_job(
+            lambda on_event, cancel: pool.decode(model, latents, frames=frames, tiled=bool(tiled),
+                                                 on_event=on_event, cancel=cancel),
+            node_id=cls.hidden.unique_id, label="decode", show=("decode",), previews=False)
+        return io.NodeOutput(images.float().cpu().clamp(0, 1).contiguous())
+
+
+def write_mp4(images: torch.Tensor, path: str, fps: float, crf: int = 19) -> None:
+    """[F, H, W, 3] floats in 0..1 -> H.264 mp4 (yuv420p) with imageio-ffmpeg; odd sizes are edge-padded."""
+    import imageio_ffmpeg
+    import numpy as np
+
+    if images.dim() != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [frames, height, width, 3], got {list(images.shape)}")
+    frames = (images.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+    if pad_h or pad_w:
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    height, width = frames.shape[1:3]
+    writer = imageio_ffmpeg.write_frames(path, (width, height), fps=float(fps), codec="libx264",
+                                         pix_fmt_out="yuv420p", macro_block_size=1, quality=None,
+                                         output_params=["-crf", str(int(crf))], ffmpeg_log_level="error")
+    writer.send(None)
+    try:
+        for frame in frames:
+            writer.send(np.ascontiguousarray(frame))
+    finally:
+        writer.close()
+
+
+class SaveVideo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="XDiTCogVideoSaveVideo",
+            display_name="xDiT CogVideoX Save MP4",
+            category=CATEGORY,
+            description=("Writes frames to an H.264 mp4 in ComfyUI's output folder with imageio-ffmpeg. Prefer core "
+                         "'Create Video' + 'Save Video' where your ComfyUI has them; this node works everywhere."),
+            inputs=[
+                io.Image.Input("images", tooltip="Frames to save, e.g. from 'xDiT CogVideoX Decode'."),
+                io.Float.Input("fps", default=8.0, min=1.0, max=120.0, step=1.0, tooltip=(
+                    "Frames per second: 8 for CogVideoX 1.0, 16 for CogVideoX 1.5.")),
+                io.String.Input("filename_prefix", default="video/CogVideoX", tooltip=(
+                    "File name prefix inside the output folder; may contain a subfolder and %date:...% patterns.")),
+                io.Int.Input("crf", default=19, min=0, max=51, tooltip=(
+                    "H.264 quality (constant rate factor): lower is better and larger; 17-23 is typical.")),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, images, fps=8.0, filename_prefix="video/CogVideoX", crf=19) -> io.NodeOutput:
+        import folder_paths
+
+        output_dir = folder_paths.get_output_directory()
+        height, width = int(images.shape[1]), int(images.shape[2])
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir,
+                                                                                   width, height)
+        name = f"{filename}_{counter:05}_.mp4"
+        write_mp4(images, os.path.join(folder, name), fps, crf)
+        return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(name, subfolder, io.FolderType.output)]))
