@@ -1,0 +1,254 @@
+"""Writes the shipped workflows (UI format for drag-and-drop, API format for POST /prompt) from one description.
+
+    python workflows/build_workflows.py
+
+UI files go to workflows/ui/ and are copied to example_workflows/ (ComfyUI's template browser lists those under
+Workflow > Browse Templates); API files go to workflows/api/. tests/test_workflows.py checks every file against
+the node schemas, so edit the graphs here and re-run rather than editing the JSON by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+
+# Socket (non-widget) inputs and outputs per node type, in schema order: (name, type, optional).
+SOCKETS = {
+    "XDiTCogVideoModelLoader": ([], [("model", "XDIT_COGVIDEO_MODEL")]),
+    "XDiTCogVideoParallelConfig": ([], [("parallel", "XDIT_COGVIDEO_PARALLEL")]),
+    "XDiTCogVideoTextEncode": ([("clip", "CLIP", False)], [("conditioning", "CONDITIONING")]),
+    "XDiTCogVideoTextEncodeModelT5": ([("model", "XDIT_COGVIDEO_MODEL", False),
+                                       ("parallel", "XDIT_COGVIDEO_PARALLEL", True)],
+                                      [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "XDiTCogVideoSampler": ([("model", "XDIT_COGVIDEO_MODEL", False), ("positive", "CONDITIONING", False),
+                             ("negative", "CONDITIONING", False), ("parallel", "XDIT_COGVIDEO_PARALLEL", True),
+                             ("image", "IMAGE", True)], [("samples", "LATENT")]),
+    "XDiTCogVideoDecode": ([("model", "XDIT_COGVIDEO_MODEL", False), ("samples", "LATENT", False),
+                            ("parallel", "XDIT_COGVIDEO_PARALLEL", True)], [("images", "IMAGE")]),
+    "CLIPLoader": ([], [("CLIP", "CLIP")]),
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
+    "CreateVideo": ([("images", "IMAGE", False), ("audio", "AUDIO", True)], [("VIDEO", "VIDEO")]),
+    "SaveVideo": ([("video", "VIDEO", False)], []),
+    "MarkdownNote": ([], []),
+}
+
+# Widget values in schema order (UI widgets_values); "seed" is followed by its control_after_generate value.
+WIDGETS = {
+    "XDiTCogVideoModelLoader": ["model", "vae", "text_encoder", "precision", "attention"],
+    "XDiTCogVideoParallelConfig": ["devices", "cfg", "ulysses", "ring"],
+    "XDiTCogVideoTextEncode": ["text"],
+    "XDiTCogVideoTextEncodeModelT5": ["prompt", "negative_prompt"],
+    "XDiTCogVideoSampler": ["width", "height", "frames", "steps", "guidance", "dynamic_cfg", "seed", "scheduler"],
+    "XDiTCogVideoDecode": ["tiled"],
+    "CLIPLoader": ["clip_name", "type", "device"],
+    "LoadImage": ["image"],
+    "CreateVideo": ["fps"],
+    "SaveVideo": ["filename_prefix", "format", "codec"],
+    "MarkdownNote": ["text"],
+}
+
+DISPLAY = {
+    "XDiTCogVideoModelLoader": "xDiT CogVideoX Model Loader", "XDiTCogVideoParallelConfig": "xDiT CogVideoX Parallel Config",
+    "XDiTCogVideoTextEncode": "xDiT CogVideoX Text Encode (CLIP)",
+    "XDiTCogVideoTextEncodeModelT5": "xDiT CogVideoX Text Encode (Model T5)", "XDiTCogVideoSampler": "xDiT CogVideoX Sampler",
+    "XDiTCogVideoDecode": "xDiT CogVideoX Decode", "CLIPLoader": "Load CLIP", "LoadImage": "Load Image",
+    "CreateVideo": "Create Video", "SaveVideo": "Save Video",
+}
+
+PROMPT = ("A golden retriever runs along a sunny beach at sunset, waves rolling in behind it, its fur blowing in "
+          "the wind. The camera tracks alongside at dog height; warm light, shallow depth of field, cinematic.")
+I2V_PROMPT = ("The scene comes to life: gentle camera push-in, soft natural motion, clouds drifting, light "
+              "shimmering; consistent colours and details, cinematic.")
+
+NOTE_COMMON = """
+**GPUs** — *Parallel Config*: `devices` = `auto` (every visible GPU), `0,1` or `0,1,2,3` (those GPUs). Degrees on
+`auto` choose the fastest split (CFG 2 first, then Ulysses, then Ring). The pool starts with the first job, keeps the
+weights in GPU memory between jobs, and restarts if you change the devices.
+
+**Watch it** — the sampler's progress bar shows steps and previews; *Cancel* stops the job within a step. The
+**xDiT** sidebar tab shows the pool: GPUs, memory, current step.
+"""
+
+T2V_NOTE = """## xDiT CogVideoX — text to video on several GPUs
+
+**Model files** (diffusers format, one folder per model) go in `ComfyUI/models/CogVideo/` (or `models/diffusers/`):
+```
+models/CogVideo/CogVideoX-2b/   transformer/ vae/ text_encoder/ tokenizer/ scheduler/
+```
+```
+huggingface-cli download THUDM/CogVideoX-2b --local-dir models/CogVideo/CogVideoX-2b
+```
+Refresh (press `r`) and pick it in the loader. For **CogVideoX-5b** set the loader to `CogVideoX-5b` and turn on
+`dynamic_cfg` (its default scheduler is DPM). **CogVideoX1.5-5b**: 1360x768, 81 frames, fps 16.
+
+The text encoder is the model folder's own T5 (`text_encoder/`). To use ComfyUI's CLIPLoader with
+`t5xxl_fp16.safetensors` instead, open the *cogvideox_t2v_comfy_t5* template.
+""" + NOTE_COMMON
+
+T2V_T5_NOTE = """## xDiT CogVideoX — text to video, ComfyUI's T5 loader
+
+**Text encoder**: `t5xxl_fp16.safetensors` (or `t5xxl_fp8_e4m3fn.safetensors`) in `ComfyUI/models/text_encoders/`,
+loaded by *Load CLIP* with **type `sd3`**. *xDiT CogVideoX Text Encode (CLIP)* turns it into the 226-token T5
+embedding CogVideoX expects (same as diffusers).
+
+**Transformer + VAE**: a diffusers folder in `models/CogVideo/` (e.g. `CogVideoX-2b`; `text_encoder/` may be left
+out), or a single transformer `.safetensors` in `models/CogVideo/` plus the VAE file (`models/vae/` or a file with
+`vae` in its name in `models/CogVideo/`) chosen in the loader's `vae` box.
+""" + NOTE_COMMON
+
+I2V_NOTE = """## xDiT CogVideoX — image to video on several GPUs
+
+**Model files**: `models/CogVideo/CogVideoX-5b-I2V/` (diffusers format: transformer/ vae/ text_encoder/ tokenizer/
+scheduler/):
+```
+huggingface-cli download THUDM/CogVideoX-5b-I2V --local-dir models/CogVideo/CogVideoX-5b-I2V
+```
+CogVideoX-5b-I2V only runs at **720x480, 49 frames**. CogVideoX1.5-5b-I2V takes other sizes (1360x768, 81 frames,
+fps 16). The start image is centre-cropped to the video's aspect ratio and resized.
+""" + NOTE_COMMON
+
+
+class Graph:
+    def __init__(self, name: str):
+        self.name = name
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.api: dict[str, dict] = {}
+
+    def add(self, type_: str, pos, size, title: str | None = None, **values) -> dict:
+        node_id = len(self.nodes) + 1
+        inputs_spec, outputs_spec = SOCKETS[type_]
+        widgets = []
+        for name in WIDGETS[type_]:
+            widgets.append(values[name])
+            if name == "seed":
+                widgets.append("fixed")
+        node = {
+            "id": node_id, "type": type_, "pos": list(pos), "size": list(size), "flags": {}, "order": 0, "mode": 0,
+            "inputs": [dict({"name": n, "type": t, "link": None}, **({"shape": 7} if opt else {}))
+                       for n, t, opt in inputs_spec],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs_spec)],
+            "properties": {} if type_ == "MarkdownNote" else {"Node name for S&R": type_},
+            "widgets_values": widgets,
+        }
+        if title:
+            node["title"] = title
+        if type_ == "MarkdownNote":
+            node.update(color="#432", bgcolor="#653")
+        self.nodes.append(node)
+        if type_ != "MarkdownNote":
+            self.api[str(node_id)] = {"class_type": type_, "inputs": {k: values[k] for k in WIDGETS[type_]},
+                                      "_meta": {"title": title or DISPLAY[type_]}}
+        return node
+
+    def link(self, src: dict, out_name: str, dst: dict, in_name: str) -> None:
+        out_slot = next(i for i, o in enumerate(src["outputs"]) if o["name"] == out_name)
+        in_slot = next(i for i, o in enumerate(dst["inputs"]) if o["name"] == in_name)
+        link_id = len(self.links) + 1
+        type_ = src["outputs"][out_slot]["type"]
+        self.links.append([link_id, src["id"], out_slot, dst["id"], in_slot, type_])
+        src["outputs"][out_slot]["links"].append(link_id)
+        dst["inputs"][in_slot]["link"] = link_id
+        self.api[str(dst["id"])]["inputs"][in_name] = [str(src["id"]), out_slot]
+
+    def ui(self) -> dict:
+        order = 0
+        for node in self.nodes:  # execution order: sources first (ids are added in dependency order)
+            node["order"] = order
+            order += 1
+        return {
+            "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-xdit-cogvideo/{self.name}")), "revision": 0,
+            "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+            "links": self.links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "frontendVersion": "1.27.10"}, "version": 0.4,
+        }
+
+
+def t2v(model_t5: bool = True) -> Graph:
+    g = Graph("cogvideox_t2v" if model_t5 else "cogvideox_t2v_comfy_t5")
+    g.add("MarkdownNote", (0, -20), (520, 560), title="Read me: model files", text=T2V_NOTE if model_t5 else T2V_T5_NOTE)
+    loader = g.add("XDiTCogVideoModelLoader", (560, 0), (380, 180), model="CogVideoX-2b",
+                   vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
+    parallel = g.add("XDiTCogVideoParallelConfig", (560, 230), (380, 150), devices="auto", cfg="auto",
+                     ulysses="auto", ring="auto")
+    if model_t5:
+        text = g.add("XDiTCogVideoTextEncodeModelT5", (980, 0), (420, 380), prompt=PROMPT, negative_prompt="")
+        g.link(loader, "model", text, "model")
+        g.link(parallel, "parallel", text, "parallel")
+        positive, pos_out, negative, neg_out = text, "positive", text, "negative"
+    else:
+        clip = g.add("CLIPLoader", (560, 430), (380, 110), clip_name="t5xxl_fp16.safetensors", type="sd3",
+                     device="default")
+        positive = g.add("XDiTCogVideoTextEncode", (980, 0), (420, 220), title="Positive prompt", text=PROMPT)
+        negative = g.add("XDiTCogVideoTextEncode", (980, 260), (420, 130), title="Negative prompt", text="")
+        g.link(clip, "CLIP", positive, "clip")
+        g.link(clip, "CLIP", negative, "clip")
+        pos_out = neg_out = "conditioning"
+    sampler = g.add("XDiTCogVideoSampler", (1440, 0), (340, 420), width=720, height=480, frames=49, steps=50,
+                    guidance=6.0, dynamic_cfg=False, seed=42, scheduler="default")
+    g.link(loader, "model", sampler, "model")
+    g.link(positive, pos_out, sampler, "positive")
+    g.link(negative, neg_out, sampler, "negative")
+    g.link(parallel, "parallel", sampler, "parallel")
+    decode = g.add("XDiTCogVideoDecode", (1820, 0), (300, 130), tiled=True)
+    g.link(loader, "model", decode, "model")
+    g.link(sampler, "samples", decode, "samples")
+    g.link(parallel, "parallel", decode, "parallel")
+    video = g.add("CreateVideo", (1820, 180), (300, 80), fps=8.0)
+    g.link(decode, "images", video, "images")
+    save = g.add("SaveVideo", (2160, 0), (480, 420), filename_prefix="video/CogVideoX", format="auto", codec="auto")
+    g.link(video, "VIDEO", save, "video")
+    return g
+
+
+def i2v() -> Graph:
+    g = Graph("cogvideox_i2v")
+    g.add("MarkdownNote", (0, -20), (520, 560), title="Read me: model files", text=I2V_NOTE)
+    loader = g.add("XDiTCogVideoModelLoader", (560, 0), (380, 180), model="CogVideoX-5b-I2V",
+                   vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
+    parallel = g.add("XDiTCogVideoParallelConfig", (560, 230), (380, 150), devices="auto", cfg="auto",
+                     ulysses="auto", ring="auto")
+    image = g.add("LoadImage", (560, 430), (380, 360), title="Start frame", image="example.png")
+    image["widgets_values"].append("image")  # the upload widget's value
+    text = g.add("XDiTCogVideoTextEncodeModelT5", (980, 0), (420, 380), prompt=I2V_PROMPT, negative_prompt="")
+    g.link(loader, "model", text, "model")
+    g.link(parallel, "parallel", text, "parallel")
+    sampler = g.add("XDiTCogVideoSampler", (1440, 0), (340, 440), width=720, height=480, frames=49, steps=50,
+                    guidance=6.0, dynamic_cfg=True, seed=42, scheduler="default")
+    g.link(loader, "model", sampler, "model")
+    g.link(text, "positive", sampler, "positive")
+    g.link(text, "negative", sampler, "negative")
+    g.link(parallel, "parallel", sampler, "parallel")
+    g.link(image, "IMAGE", sampler, "image")
+    decode = g.add("XDiTCogVideoDecode", (1820, 0), (300, 130), tiled=True)
+    g.link(loader, "model", decode, "model")
+    g.link(sampler, "samples", decode, "samples")
+    g.link(parallel, "parallel", decode, "parallel")
+    video = g.add("CreateVideo", (1820, 180), (300, 80), fps=8.0)
+    g.link(decode, "images", video, "images")
+    save = g.add("SaveVideo", (2160, 0), (480, 420), filename_prefix="video/CogVideoX-I2V", format="auto",
+                 codec="auto")
+    g.link(video, "VIDEO", save, "video")
+    return g
+
+
+def main() -> None:
+    (HERE / "ui").mkdir(exist_ok=True)
+    (HERE / "api").mkdir(exist_ok=True)
+    examples = ROOT / "example_workflows"
+    examples.mkdir(exist_ok=True)
+    for graph in (t2v(True), i2v(), t2v(False)):
+        ui_path = HERE / "ui" / f"{graph.name}.json"
+        ui_path.write_text(json.dumps(graph.ui(), indent=2) + "\n")
+        (HERE / "api" / f"{graph.name}_api.json").write_text(json.dumps(graph.api, indent=2) + "\n")
+        shutil.copyfile(ui_path, examples / ui_path.name)
+        print("wrote", graph.name)
+
+
+if __name__ == "__main__":
+    main()
