@@ -1,0 +1,356 @@
+"""``python -m comfyui_xdit_cogvideo``: generate videos through the worker pool, show a pool, run a worker.
+
+    python -m comfyui_xdit_cogvideo generate --model tiny --prompt "a cat" --output cat.mp4
+    python -m comfyui_xdit_cogvideo generate --model /models/CogVideoX-5b --prompt "..." --gpus 0,1,2,3 \\
+        --ulysses 2 --output out.mp4 --latents-out out.safetensors
+    python -m comfyui_xdit_cogvideo pool-status --devices auto
+    torchrun ... -m comfyui_xdit_cogvideo worker --connect HOST:PORT      # a rank on another host
+
+Every failure ends with one ``error: ...`` line on stderr and a non-zero exit code (1; 2 for bad usage; 130
+when interrupted). Bad models, requests and layouts are rejected before any worker starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the whole usage block
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m comfyui_xdit_cogvideo",
+                     description="Multi-GPU CogVideoX (Ulysses/Ring sequence parallel + CFG parallel).")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="sample a video (and decode it to mp4)",
+                       description="Sample a CogVideoX video on a pool of GPU (or CPU) workers.")
+    model = g.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="tiny, tiny-5b, tiny-5b-i2v, tiny-1.5, tiny-1.5-i2v, a diffusers folder, or a transformer "
+                            ".safetensors file")
+    model.add_argument("--vae", help="VAE folder or .safetensors (for a single-file transformer)")
+    model.add_argument("--text-encoder", help="T5 folder with its tokenizer (for a single-file transformer)")
+    model.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
+    model.add_argument("--attention", default="auto", help="attention kernel: auto, cudnn, flash, sdpa, fa4, ...")
+    text = g.add_argument_group("prompt").add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="text prompt (encoded by the model's T5)")
+    text.add_argument("--embeds", help="safetensors with prompt_embeds [1, 226, D] (and optional "
+                                       "negative_prompt_embeds)")
+    g.add_argument("--negative-prompt", default="", help="negative prompt (default: empty)")
+    sampling = g.add_argument_group("sampling")
+    sampling.add_argument("--frames", type=int, help="4k+1 frames (default: the model's, 49 or 81)")
+    sampling.add_argument("--height", type=int, help="pixels (default: the model's)")
+    sampling.add_argument("--width", type=int, help="pixels (default: the model's)")
+    sampling.add_argument("--steps", type=int, default=50)
+    sampling.add_argument("--guidance", type=float, default=6.0)
+    sampling.add_argument("--seed", type=int, default=42)
+    sampling.add_argument("--scheduler", choices=["ddim", "dpm"], help="default: the model's own")
+    sampling.add_argument("--dynamic-cfg", action="store_true", help="CogVideoX's dynamic guidance schedule")
+    sampling.add_argument("--image", help="start image for image-to-video models")
+    par = g.add_argument_group("devices and layout")
+    par.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    count = par.add_mutually_exclusive_group()
+    count.add_argument("--world-size", type=int, help="number of ranks (default: all GPUs, or 1 on cpu)")
+    count.add_argument("--gpus", help="GPU list, e.g. 0,1,3")
+    par.add_argument("--ulysses", type=int, help="Ulysses degree (must divide the head count)")
+    par.add_argument("--ring", type=int, help="Ring degree")
+    par.add_argument("--cfg", type=int, choices=[1, 2], help="CFG-parallel degree")
+    out = g.add_argument_group("output")
+    out.add_argument("--output", help="video file (.mp4)")
+    out.add_argument("--latents-out", help="safetensors file with key 'latents'")
+    out.add_argument("--fps", type=float, help="default: 8 for CogVideoX 1.0, 16 for 1.5")
+    out.add_argument("--decode", choices=["auto", "tiled", "plain"], default="auto",
+                     help="VAE decode: tiles spread over all ranks, or plain on rank 0 (auto: tiled with >1 rank)")
+    out.add_argument("--tile", help="decode tile size in pixels, HxW (default: the VAE's, 240x360)")
+    out.add_argument("--quiet", action="store_true", help="no progress lines")
+    out.add_argument("--verbose", action="store_true", help="print worker tracebacks on failure")
+
+    s = sub.add_parser("pool-status", help="start a pool on some devices and show it",
+                       description="Start the worker pool, print its status (ranks, pids, devices, memory), stop it.")
+    s.add_argument("--devices", default="auto", help="auto, 0,1,3, cpu:N, or listen://HOST:PORT?world=N")
+    s.add_argument("--model", help="also load this model (dtype per --dtype) and show memory with it resident")
+    s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
+    s.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    sub.add_parser("worker", help="run one pool worker (under torchrun, to add ranks on other hosts)",
+                   add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        from .pool.worker import main as worker_main
+
+        return worker_main(argv[1:])
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _pool_status(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every failure is one clear line
+        from .pool import WorkerError
+
+        if getattr(args, "verbose", False) and isinstance(error, WorkerError) and error.traceback:
+            print(error.traceback, file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 1
+    finally:
+        from .pool import shutdown_pool
+
+        shutdown_pool()
+
+
+def _one_line(error: BaseException) -> str:
+    from .engine import GenerationCancelled
+    from .pool import WorkerError
+
+    if isinstance(error, WorkerError):
+        text = f"worker rank {error.rank} failed: " + (f"{error.exc_type}: " if error.exc_type else "") + error.message
+    elif isinstance(error, GenerationCancelled):
+        text = "cancelled"
+    elif isinstance(error, (FileNotFoundError, IsADirectoryError, PermissionError)) and error.filename:
+        text = f"{error.strerror}: {error.filename}"
+    else:
+        text = str(error) or type(error).__name__
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first
+
+
+def _devices(args) -> tuple[str, str]:
+    """(pool devices string, device kind) from --device/--world-size/--gpus."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = args.device or ("cuda" if cuda else "cpu")
+    if args.world_size is not None and args.world_size < 1:
+        raise CliError(f"--world-size must be >= 1, got {args.world_size}")
+    if device == "cpu":
+        if args.gpus:
+            raise CliError("--gpus needs --device cuda (on cpu, use --world-size N for N gloo ranks)")
+        return f"cpu:{args.world_size or 1}", "cpu"
+    if not cuda:
+        raise CliError("--device cuda asked for, but CUDA is not available here; use --device cpu")
+    available = torch.cuda.device_count()
+    if args.gpus:
+        return args.gpus, "cuda"
+    if args.world_size:
+        if args.world_size > available:
+            raise CliError(f"--world-size {args.world_size} exceeds the {available} visible GPU(s)")
+        return ",".join(str(i) for i in range(args.world_size)), "cuda"
+    return "cuda", "cuda"
+
+
+def _parse_tile(text: str | None):
+    if not text:
+        return None
+    from .vae_parallel import Tiling
+
+    try:
+        height, width = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise CliError(f"--tile takes HxW in pixels, e.g. 240x360; got {text!r}") from None
+    if height % 8 or width % 8 or height < 16 or width < 16:
+        raise CliError(f"--tile sizes must be multiples of 8 pixels and at least 16, got {text!r}")
+    # overlaps of about 1/6 and 1/5 of a tile, snapped to whole latent rows so the tiles stitch exactly
+    lh, lw = height // 8, width // 8
+    return Tiling(height, width, max(1, round(lh / 6)) / lh, max(1, round(lw / 5)) / lw)
+
+
+def _load_image(path: str):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"--image {path!r} does not exist")
+    try:
+        with Image.open(file) as img:
+            array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    except Exception as error:
+        raise CliError(f"cannot read --image {path!r}: {error}") from None
+    return torch.from_numpy(array.copy())
+
+
+def _load_embeds(path: str):
+    from safetensors.torch import load_file
+
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"--embeds {path!r} does not exist")
+    try:
+        tensors = load_file(str(file))
+    except Exception as error:
+        raise CliError(f"cannot read --embeds {path!r} as safetensors: {error}") from None
+    if "prompt_embeds" not in tensors:
+        raise CliError(f"--embeds {path!r} has no 'prompt_embeds' tensor (found: {', '.join(sorted(tensors)) or 'none'})")
+    return tensors["prompt_embeds"], tensors.get("negative_prompt_embeds")
+
+
+def _check_output(path: str | None, suffixes: tuple[str, ...], flag: str) -> Path | None:
+    if path is None:
+        return None
+    file = Path(path)
+    if file.suffix.lower() not in suffixes:
+        raise CliError(f"{flag} must end with {' or '.join(suffixes)}, got {path!r}")
+    if file.is_dir():
+        raise CliError(f"{flag} {path!r} is a directory")
+    parent = file.parent if str(file.parent) else Path(".")
+    if not parent.exists():
+        raise CliError(f"{flag}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise CliError(f"{flag}: folder {str(parent)!r} is not writable")
+    return file
+
+
+class _Progress:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.phase = None
+
+    def __call__(self, event) -> None:
+        if self.quiet:
+            return
+        if event.phase in ("load", "encode"):
+            if event.step == 0:
+                self._line(f"{'loading model' if event.phase == 'load' else 'encoding prompt'} ...", end=True)
+            return
+        speed = f"  {event.seconds_per_step:.2f} s/{'step' if event.phase == 'sample' else 'round'}" \
+            if event.seconds_per_step is not None else ""
+        name = "sampling" if event.phase == "sample" else "decoding"
+        last = event.step == event.total
+        if not self.tty and not (event.step == 1 or last or event.step % max(1, event.total // 10) == 0):
+            return  # logs get about ten lines per phase
+        self._line(f"{name} {event.step}/{event.total}{speed}", end=last)
+
+    def _line(self, text: str, end: bool) -> None:
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text + ("\n" if end else ""))
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+def _generate(args) -> int:
+    from .layout import choose_layout
+    from .loading import ModelSource, read_model_info
+    from .pool import ModelSpec, get_pool
+    from .request import GenerationRequest
+    from .video import write_video
+
+    output = _check_output(args.output, VIDEO_SUFFIXES, "--output")
+    latents_out = _check_output(args.latents_out, (".safetensors",), "--latents-out")
+    if output is None and latents_out is None:
+        raise CliError("nothing to write: give --output FILE.mp4 and/or --latents-out FILE.safetensors")
+    devices, kind = _devices(args)
+    dtype = args.dtype or ("bf16" if kind == "cuda" else "fp32")
+    spec = ModelSpec(ModelSource(args.model, vae=args.vae, text_encoder=args.text_encoder), dtype, args.attention)
+    spec.validate()
+    info = read_model_info(spec.source)
+    resolved_source = spec.source.resolve()
+    if output is not None and resolved_source.vae is None:
+        raise CliError("--output needs the model's VAE, which this model lacks; pass --vae or use --latents-out")
+    prompt_embeds = negative_embeds = None
+    if args.embeds:
+        prompt_embeds, negative_embeds = _load_embeds(args.embeds)
+    image = _load_image(args.image) if args.image else None
+    request = GenerationRequest(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_embeds, frames=args.frames, height=args.height, width=args.width,
+        steps=args.steps, guidance=args.guidance, seed=args.seed, scheduler=args.scheduler,
+        dynamic_cfg=args.dynamic_cfg, image=image,
+    )
+    resolved = request.resolved(info)
+    tiling = _parse_tile(args.tile)
+    pool = get_pool(devices)
+    world = pool.world_size
+    layout = choose_layout(world, heads=info.heads, use_cfg=resolved.use_cfg, cfg=args.cfg, ulysses=args.ulysses,
+                           ring=args.ring)
+    progress = _Progress(args.quiet)
+    if not args.quiet:
+        print(f"{info.variant} {resolved.frames}x{resolved.height}x{resolved.width}, {resolved.steps} steps, "
+              f"{dtype}, layout {layout} on {pool.devices}", file=sys.stderr)
+    started = time.perf_counter()
+    latents = pool.generate(spec, request, layout=layout, on_event=progress)
+    sampled = time.perf_counter()
+    summary = {"latents_shape": list(latents.shape), "layout": str(layout), "devices": str(pool.devices),
+               "sample_seconds": round(sampled - started, 3)}
+    if latents_out is not None:
+        from safetensors.torch import save_file
+
+        save_file({"latents": latents.contiguous()}, str(latents_out))
+        summary["latents_out"] = str(latents_out)
+    if output is not None:
+        tiled = args.decode == "tiled" or (args.decode == "auto" and world > 1)
+        frames = pool.decode(spec, latents, frames=resolved.frames, tiled=tiled, on_event=progress, tiling=tiling)
+        fps = args.fps or (16 if info.version == "1.5" else 8)
+        write_video(output, frames, fps=fps)
+        summary.update(output=str(output), frames=int(frames.shape[0]), width=int(frames.shape[2]),
+                       height=int(frames.shape[1]), fps=fps, decode_seconds=round(time.perf_counter() - sampled, 3),
+                       decode="tiled" if tiled else "plain")
+    written = ", ".join(str(p) for p in (output, latents_out) if p is not None)
+    print(f"wrote {written} ({json.dumps(summary)})")
+    return 0
+
+
+def _pool_status(args) -> int:
+    from .pool import ModelSpec, get_pool
+    from .request import GenerationRequest
+
+    pool = get_pool(args.devices)
+    pool.start()
+    if args.model:
+        dtype = args.dtype or ("fp32" if pool.devices.kind == "cpu" else "bf16")
+        spec = ModelSpec(args.model, dtype)
+        from .loading import read_model_info
+
+        info = read_model_info(spec.source)
+        embeds = GenerationRequest(prompt_embeds=_zeros(info), negative_prompt_embeds=_zeros(info), steps=1)
+        pool.generate(spec, embeds)
+    status = pool.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    print(f"pool {status['devices']} ({status['backend']}), {status['world_size']} rank(s), state {status['state']}")
+    if status.get("model"):
+        m = status["model"]
+        print(f"model {m['path']} ({m.get('variant')}, {m['dtype']}, attention {m['attention']}), "
+              f"layout {status.get('layout')}")
+    for r in status["ranks"]:
+        mem = r["memory"]
+        if "allocated" in mem:
+            memory = f"{mem['allocated'] / 2**30:.2f} GiB allocated, {mem['free'] / 2**30:.1f}/" \
+                     f"{mem['total'] / 2**30:.1f} GiB free"
+        else:
+            memory = f"{(mem.get('rss') or 0) / 2**30:.2f} GiB resident"
+        print(f"  rank {r['rank']}: pid {r['pid']} on {r['host']} {r['device']}, {r['state']}, {memory}")
+    return 0
+
+
+def _zeros(info):
+    import torch
+
+    return torch.zeros(1, info.text_len, info.text_dim)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
