@@ -1,0 +1,410 @@
+"""ComfyUI nodes without ComfyUI: schemas, validation and execution on a real worker pool ("cpu:1", tiny models).
+
+ComfyUI's own modules are replaced at the boundary only (tests/comfy_stub.py); the engine, the pool, the worker
+processes, the VAE and the mp4 writer are the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_stub import ROOT, comfy_stubs, run_node
+
+DEVICES = "cpu:1"
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, tiny_path):
+    base = tmp_path_factory.mktemp("comfy")
+    cog = base / "models" / "CogVideo"
+    (cog / "nested").mkdir(parents=True)
+    for sub in ("diffusers", "vae", "text_encoders"):
+        (base / "models" / sub).mkdir(parents=True)
+    (cog / "tiny-2b").symlink_to(tiny_path("2b"), target_is_directory=True)
+    (cog / "nested" / "tiny-5b-i2v").symlink_to(tiny_path("5b-i2v"), target_is_directory=True)
+    (base / "models" / "diffusers" / "tiny-5b").symlink_to(tiny_path("5b"), target_is_directory=True)
+    weights = tiny_path("2b") / "transformer" / "diffusion_pytorch_model.safetensors"
+    shutil.copyfile(weights, cog / "single-2b.safetensors")
+    shutil.copyfile(weights.with_name("config.json"), cog / "single-2b.json")
+    (cog / "my_vae.safetensors").write_bytes(b"")  # listed as a VAE, not as a model
+    (cog / "broken").mkdir()
+    (cog / "broken" / "transformer").mkdir()  # a diffusers folder without config/weights
+    with comfy_stubs(base) as c:
+        c.pkg = c.load_package()
+        c.nodes = sys.modules[c.pkg.__name__ + ".nodes"]
+        c.by_id = {n.GET_SCHEMA().node_id: n for n in c.nodes.NODES}
+        yield c
+    from comfyui_xdit_cogvideo.pool import shutdown_pool
+
+    shutdown_pool()
+
+
+@pytest.fixture(scope="module")
+def spec(comfy):
+    (spec,) = run_node(comfy.by_id["XDiTCogVideoModelLoader"], model="tiny-2b", vae="(from model folder)",
+                       text_encoder="(from model folder)", precision="fp32", attention="auto").args
+    return spec
+
+
+@pytest.fixture(scope="module")
+def parallel(comfy):
+    (cfg,) = run_node(comfy.by_id["XDiTCogVideoParallelConfig"], devices=DEVICES, cfg="auto", ulysses="auto",
+                      ring="auto").args
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def embeds(comfy, spec, parallel):
+    positive, negative = run_node(comfy.by_id["XDiTCogVideoTextEncodeModelT5"], model=spec,
+                                  prompt="a cat playing piano", negative_prompt="", parallel=parallel).args
+    return positive, negative
+
+
+def sample(comfy, spec, embeds, parallel, uid="7", **overrides):
+    inputs = dict(model=spec, positive=embeds[0], negative=embeds[1], width=48, height=32, frames=9, steps=3,
+                  guidance=6.0, dynamic_cfg=False, seed=1, scheduler="default", parallel=parallel)
+    inputs.update(overrides)
+    return run_node(comfy.by_id["XDiTCogVideoSampler"], uid, **inputs)
+
+
+# ---- package and schemas ------------------------------------------------------------------------------------------
+def test_import_registers_v3_entrypoint_and_starts_nothing(tmp_path):
+    """Importing the package as ComfyUI does pulls in neither the engine nor the pool and starts no process."""
+    code = f"""
+import sys, threading, json, os
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from pathlib import Path
+from comfy_stub import comfy_stubs
+import multiprocessing
+with comfy_stubs(Path({str(tmp_path)!r})) as c:
+    before = threading.active_count()
+    pkg = c.load_package()
+    print(json.dumps({{
+        "engine": "comfyui_xdit_cogvideo.engine" in sys.modules,
+        "pool": "comfyui_xdit_cogvideo.pool" in sys.modules,
+        "threads": threading.active_count() - before,
+        "children": len(multiprocessing.active_children()),
+        "v1": hasattr(pkg, "NODE_CLASS_MAPPINGS"),
+        "entry": callable(getattr(pkg, "comfy_entrypoint", None)),
+        "web": pkg.WEB_DIRECTORY,
+        "routes": sorted(p for _, p in c.server.routes.table),
+    }}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info == {"engine": False, "pool": False, "threads": 0, "children": 0, "v1": False, "entry": True,
+                    "web": "./web", "routes": ["/xdit_cogvideo/shutdown", "/xdit_cogvideo/status"]}
+    assert (ROOT / "web" / "xdit_cogvideo.js").exists()
+    for path in list((ROOT / "nodes").glob("*.py")) + [ROOT / "__init__.py"]:
+        text = path.read_text()
+        for banned in ("torch.distributed", "import multiprocessing", "from multiprocessing", "NODE_CLASS_MAPPINGS ="):
+            assert banned not in text, f"{path.name} mentions {banned}"
+
+
+def test_entrypoint_lists_every_node(comfy):
+    extension = asyncio.run(comfy.pkg.comfy_entrypoint())
+    nodes = asyncio.run(extension.get_node_list())
+    assert [n.GET_SCHEMA().node_id for n in nodes] == [
+        "XDiTCogVideoModelLoader", "XDiTCogVideoParallelConfig", "XDiTCogVideoTextEncode",
+        "XDiTCogVideoTextEncodeModelT5", "XDiTCogVideoSampler", "XDiTCogVideoDecode", "XDiTCogVideoSaveVideo"]
+
+
+def test_schemas_follow_conventions(comfy):
+    for node in comfy.nodes.NODES:
+        schema = node.GET_SCHEMA()
+        assert schema.category == "xDiT/CogVideoX"
+        assert schema.display_name.startswith("xDiT CogVideoX ")
+        assert len(schema.description) > 40, schema.node_id
+        for spec in schema.inputs:
+            assert spec.tooltip and len(spec.tooltip) > 10, f"{schema.node_id}.{spec.id} has no tooltip"
+        for out in schema.outputs:
+            assert out.tooltip, f"{schema.node_id} output {out.display_name} has no tooltip"
+    sampler = comfy.by_id["XDiTCogVideoSampler"].GET_SCHEMA()
+    seed = next(i for i in sampler.inputs if i.id == "seed")
+    assert seed.extra["control_after_generate"] is True and seed.extra["max"] == 2 ** 64 - 1
+    assert {i.id for i in sampler.inputs if i.optional} == {"parallel", "image"}
+    assert comfy.by_id["XDiTCogVideoSaveVideo"].GET_SCHEMA().is_output_node
+    assert [o.io_type for o in sampler.outputs] == ["LATENT"]
+    assert [o.io_type for o in comfy.by_id["XDiTCogVideoModelLoader"].GET_SCHEMA().outputs] == ["XDIT_COGVIDEO_MODEL"]
+
+
+def test_attention_choices_match_engine(comfy):
+    from comfyui_xdit_cogvideo.parallel.kernels import KERNELS
+
+    assert set(comfy.nodes.common.ATTENTION_BACKENDS) == {"auto"} | set(KERNELS)
+
+
+# ---- model loader -------------------------------------------------------------------------------------------------
+def test_model_lists(comfy):
+    models = sys.modules[comfy.pkg.__name__ + ".nodes.models"]
+    assert models.list_models() == ["broken", "nested/tiny-5b-i2v", "single-2b.safetensors", "tiny-2b", "tiny-5b"]
+    vaes = models.list_vaes()
+    assert vaes[0] == "(from model folder)" and "my_vae.safetensors" in vaes and "tiny-2b/vae" in vaes
+    assert "tiny-2b/text_encoder" in models.list_text_encoders()
+    assert "CogVideo" in comfy.folder_paths.folder_names_and_paths
+    schema = comfy.by_id["XDiTCogVideoModelLoader"].GET_SCHEMA()
+    assert next(i for i in schema.inputs if i.id == "model").options == models.list_models()
+
+
+def test_loader_validation_and_errors(comfy):
+    loader = comfy.by_id["XDiTCogVideoModelLoader"]
+    assert "was not found" in loader.validate_inputs(model="nope")
+    assert "precision must be one of" in loader.validate_inputs(model="tiny-2b", precision="fp8")
+    assert "attention must be one of" in loader.validate_inputs(model="tiny-2b", attention="xformers")
+    assert "vae" in loader.validate_inputs(model="tiny-2b", vae="missing.safetensors")
+    assert loader.validate_inputs(model="tiny-2b", vae="(from model folder)", precision="bf16", attention="auto")
+    assert loader.validate_inputs(model="../../etc") != True  # noqa: E712  (no escaping the model folders)
+    from comfyui_xdit_cogvideo import ModelError
+
+    with pytest.raises(ModelError, match="config.json"):
+        run_node(loader, model="broken")
+    (single,) = run_node(loader, model="single-2b.safetensors", vae="tiny-2b/vae", text_encoder="tiny-2b/text_encoder",
+                         precision="bf16", attention="auto").args
+    assert single.source.path.endswith("single-2b.safetensors") and single.source.vae.endswith("vae")
+    assert single.dtype == "bf16"
+
+
+def test_loader_output_is_a_pool_model_spec(comfy, spec):
+    from comfyui_xdit_cogvideo.pool import ModelSpec
+
+    assert isinstance(spec, ModelSpec)
+    assert Path(spec.source.path) == comfy.base / "models" / "CogVideo" / "tiny-2b"
+    assert (spec.dtype, spec.attention, spec.source.vae, spec.source.text_encoder) == ("fp32", "auto", None, None)
+
+
+# ---- parallel config ----------------------------------------------------------------------------------------------
+def test_parallel_config_validation(comfy, parallel):
+    node = comfy.by_id["XDiTCogVideoParallelConfig"]
+    assert "cannot parse" in node.validate_inputs(devices="gpu please", cfg="auto", ulysses="auto", ring="auto")
+    assert "no CUDA GPU" in node.validate_inputs(devices="0,1", cfg="auto", ulysses="auto", ring="auto")
+    assert "= 8 ranks" in node.validate_inputs(devices="cpu:2", cfg="2", ulysses="2", ring="2")
+    assert "ulysses must be one of" in node.validate_inputs(devices="cpu:2", ulysses="16")
+    assert node.validate_inputs(devices="cpu:4", cfg="2", ulysses="auto", ring="2") is True
+    assert node.validate_inputs(devices="listen://127.0.0.1:29600?world=2", cfg="2") is True
+    assert (parallel.devices, parallel.cfg, parallel.ulysses, parallel.ring) == (DEVICES, None, None, None)
+    (explicit,) = run_node(node, devices="cpu:4", cfg="2", ulysses="auto", ring="2").args
+    assert (explicit.cfg, explicit.ulysses, explicit.ring, explicit.explicit) == (2, None, 2, True)
+
+
+# ---- text ---------------------------------------------------------------------------------------------------------
+def test_fit_tokens_matches_hf_truncation_and_padding(comfy):
+    text = sys.modules[comfy.pkg.__name__ + ".nodes.text"]
+    long = [(i + 2, 1.0) for i in range(300)] + [(1, 1.0)]
+    cut = text.fit_tokens(long)
+    assert len(cut) == 226 and cut[-1] == (1, 1.0) and cut[:225] == long[:225]
+    short = text.fit_tokens([(5, 1.0, 1), (1, 1.0, 0)])
+    assert len(short) == 226 and short[2] == (0, 1.0, 0)
+    exact = [(7, 1.0)] * 225 + [(1, 1.0)]
+    assert text.fit_tokens(exact) == exact
+
+
+def test_encode_with_comfy_clip_uses_226_t5_tokens_without_mask(comfy):
+    text = sys.modules[comfy.pkg.__name__ + ".nodes.text"]
+
+    class T5Wrapper(torch.nn.Module):  # what ComfyUI's SDClipModel for T5 looks like from outside
+        special_tokens = {"end": 1, "pad": 0}
+        enable_attention_masks = True  # CLIPLoader type "mochi" turns masks on
+
+    class FakeClip:
+        def __init__(self):
+            self.cond_stage_model = torch.nn.Sequential(T5Wrapper())
+            self.seen = {}
+
+        def tokenize(self, text, **kwargs):
+            self.seen["options"] = kwargs.get("tokenizer_options")
+            return {"t5xxl": [[(i + 2, 1.0) for i in range(400)] + [(1, 1.0)]], "l": [[(49406, 1.0)]]}
+
+        def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+            self.seen["tokens"] = tokens
+            self.seen["masks"] = [m.enable_attention_masks for m in self.cond_stage_model]
+            n = len(tokens["t5xxl"][0])
+            return {"cond": torch.arange(n, dtype=torch.float32).view(1, n, 1).expand(1, n, 4096).clone(),
+                    "pooled_output": None}
+
+    clip = FakeClip()
+    (conditioning,) = run_node(comfy.by_id["XDiTCogVideoTextEncode"], clip=clip, text="a long prompt").args
+    cond, extra = conditioning[0]
+    assert cond.shape == (1, 226, 4096) and extra == {"pooled_output": None}
+    assert clip.seen["options"] == {"t5xxl_min_length": 226}
+    assert len(clip.seen["tokens"]["t5xxl"][0]) == 226 and clip.seen["tokens"]["t5xxl"][0][-1] == (1, 1.0)
+    assert clip.seen["tokens"]["l"] == []
+    assert clip.seen["masks"] == [False] and clip.cond_stage_model[0].enable_attention_masks is True
+    with pytest.raises(ValueError, match="T5-XXL"):
+        text.encode_with_clip(types.SimpleNamespace(tokenize=lambda t, **k: {"l": [[(1, 1.0)]]}), "x")
+
+
+def test_core_conditioning_is_normalized_to_226_tokens(comfy):
+    text = sys.modules[comfy.pkg.__name__ + ".nodes.text"]
+    long = [[torch.randn(1, 256, 32), {"pooled_output": None, "attention_mask": torch.ones(1, 256)}]]
+    assert torch.equal(text.conditioning_to_embeds(long, "positive", 226, 32), long[0][0][:, :226])
+    short = text.conditioning_to_embeds([[torch.ones(1, 77, 32), {}]], "negative", 226, 32)
+    assert short.shape == (1, 226, 32) and short[0, 76].sum() == 32 and short[0, 77:].abs().sum() == 0
+    with pytest.raises(ValueError, match="width 768 but this model expects 32"):
+        text.conditioning_to_embeds([[torch.ones(1, 77, 768), {}]], "positive", 226, 32)
+    with pytest.raises(ValueError, match="expected CONDITIONING"):
+        text.conditioning_to_embeds(None, "positive")
+
+
+def test_model_t5_encode_equals_diffusers(comfy, spec, embeds, tiny_path):
+    from comfyui_xdit_cogvideo import CogVideoEngine
+
+    positive, negative = embeds
+    assert positive[0][0].shape == (1, 226, 32) and negative[0][0].shape == (1, 226, 32)
+    engine = CogVideoEngine(spec.source, dtype="fp32")
+    want_pos, want_neg = engine.encode_prompt("a cat playing piano", "")
+    torch.testing.assert_close(positive[0][0], want_pos.float())
+    torch.testing.assert_close(negative[0][0], want_neg.float())
+
+
+# ---- sampling, decode, save ---------------------------------------------------------------------------------------
+def test_sampler_decode_save_end_to_end(comfy, spec, embeds, parallel):
+    from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest
+
+    comfy.utils.ProgressBar.updates.clear()
+    comfy.server.messages.clear()
+    (latent,) = sample(comfy, spec, embeds, parallel, uid="7").args
+    samples = latent["samples"]
+    assert samples.shape == (1, 4, 3, 4, 6) and samples.dtype == torch.float32  # [B, C, F, H/8, W/8]
+    assert latent["xdit_cogvideo"]["frames"] == 9
+    bars = [u for u in comfy.utils.ProgressBar.updates if u[0] == "7"]
+    assert [(v, t) for _, v, t, _ in bars] == [(1, 3), (2, 3), (3, 3)] and all(p for *_, p in bars)
+    events = [d for e, d in comfy.server.messages if e == "xdit_cogvideo.progress" and d["phase"] == "sample"]
+    assert [e["step"] for e in events] == [1, 2, 3] and all(e["node"] == "7" for e in events)
+    assert ("xdit_cogvideo.job", "done") in [(e, d.get("state")) for e, d in comfy.server.messages]
+
+    # the pool's latents are the in-process engine's (same embeddings, seed, scheduler)
+    request = GenerationRequest(prompt_embeds=embeds[0][0][0], negative_prompt_embeds=embeds[1][0][0], frames=9,
+                                height=32, width=48, steps=3, guidance=6.0, seed=1)
+    want = CogVideoEngine(spec.source, dtype="fp32").generate(request)
+    torch.testing.assert_close(samples, want.float().permute(0, 2, 1, 3, 4), rtol=1e-4, atol=1e-5)
+
+    (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled=True,
+                         parallel=parallel).args
+    assert images.shape == (9, 32, 48, 3) and 0 <= images.min() and images.max() <= 1
+    out = run_node(comfy.by_id["XDiTCogVideoSaveVideo"], "9", images=images, fps=8.0,
+                   filename_prefix="video/test", crf=19)
+    saved = out.ui.as_dict()["images"][0]
+    assert saved["type"] == "output" and saved["subfolder"] == "video"
+    path = comfy.base / "output" / "video" / saved["filename"]
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    frames = list(reader)
+    assert meta["size"] == (48, 32) and len(frames) == 9
+
+
+def test_status_route_never_starts_the_pool_and_reports_it(comfy, spec, embeds, parallel, monkeypatch):
+    routes = sys.modules[comfy.pkg.__name__ + ".nodes.routes"]
+    handler = comfy.server.routes.table[("GET", "/xdit_cogvideo/status")]
+    if "aiohttp" not in sys.modules:
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:  # CI has no aiohttp: answer with a stand-in carrying the payload
+            web = types.SimpleNamespace(json_response=lambda data: types.SimpleNamespace(payload=data))
+            monkeypatch.setitem(sys.modules, "aiohttp", types.SimpleNamespace(web=web))
+            monkeypatch.setitem(sys.modules, "aiohttp.web", web)
+    response = asyncio.run(handler(None))
+    payload = getattr(response, "payload", None) or json.loads(response.text)
+    assert payload["running"] is True and payload["world_size"] == 1 and payload["devices"] == DEVICES
+    assert payload["ranks"][0]["pid"] > 0
+    json.dumps(payload)
+    # with no pool object at all the route answers "not running" and creates nothing
+    import comfyui_xdit_cogvideo.pool.controller as controller
+
+    monkeypatch.setattr(controller, "_POOL", None)
+    assert routes.pool_status() == {"running": False}
+    assert controller._POOL is None
+
+
+def test_cancel_interrupts_like_comfyui_and_pool_stays_healthy(comfy, spec, embeds, parallel):
+    mm = comfy.mm
+
+    def hook(value, total, preview, node_id=None):  # ComfyUI's progress hook: interrupt point
+        if value >= 1:
+            mm.interrupt_current_processing(True)  # the user presses Cancel during step 1
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.ProgressBar.hook = hook
+    comfy.server.messages.clear()
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(comfy, spec, embeds, parallel, uid="11", steps=30)
+    finally:
+        comfy.utils.ProgressBar.hook = None
+        mm.interrupt_current_processing(False)
+    steps = [d["step"] for e, d in comfy.server.messages if e == "xdit_cogvideo.progress" and d["phase"] == "sample"]
+    assert max(steps) < 30
+    assert ("xdit_cogvideo.job", "cancelled") in [(e, d.get("state")) for e, d in comfy.server.messages]
+    # Cancel seen by polling alone (no progress update in between): flag set before the job starts
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            sample(comfy, spec, embeds, parallel, uid="12", steps=30)
+    finally:
+        mm.interrupt_current_processing(False)
+    (latent,) = sample(comfy, spec, embeds, parallel, uid="13").args  # the next job runs normally
+    assert latent["samples"].shape == (1, 4, 3, 4, 6)
+
+
+def test_sampler_rejects_bad_inputs_before_running(comfy, spec, embeds, parallel):
+    sampler = comfy.by_id["XDiTCogVideoSampler"]
+    assert "4k+1" in sampler.validate_inputs(frames=8)
+    assert "multiple of 16" in sampler.validate_inputs(width=50)
+    assert "scheduler must be one of" in sampler.validate_inputs(scheduler="euler")
+    from comfyui_xdit_cogvideo import LayoutError, RequestError
+
+    with pytest.raises(RequestError, match="text-to-video model and takes no start image"):
+        sample(comfy, spec, embeds, parallel, image=torch.rand(1, 32, 48, 3))
+    with pytest.raises(LayoutError, match="cfg"):
+        explicit = comfy.nodes.common.ParallelConfig(DEVICES, cfg=2)
+        sample(comfy, spec, embeds, explicit)
+    bad = [[torch.ones(1, 226, 4096), {}]]
+    with pytest.raises(ValueError, match="expects 32"):
+        sample(comfy, spec, (bad, bad), parallel)
+
+
+def test_image_to_video(comfy, parallel, tiny_path):
+    (i2v,) = run_node(comfy.by_id["XDiTCogVideoModelLoader"], model="nested/tiny-5b-i2v", precision="fp32").args
+    positive, negative = run_node(comfy.by_id["XDiTCogVideoTextEncodeModelT5"], model=i2v, prompt="a red car",
+                                  parallel=parallel).args
+    from comfyui_xdit_cogvideo import RequestError
+
+    with pytest.raises(RequestError, match="start image"):
+        sample(comfy, i2v, (positive, negative), parallel)
+    image = torch.rand(2, 40, 90, 3)  # wider than 48x32: centre-cropped to 3:2 first
+    (latent,) = sample(comfy, i2v, (positive, negative), parallel, image=image, steps=2).args
+    assert latent["samples"].shape == (1, 4, 3, 4, 6)
+
+
+def test_center_crop_and_preview(comfy):
+    sampler = sys.modules[comfy.pkg.__name__ + ".nodes.sampler"]
+    common = comfy.nodes.common
+    assert sampler.center_crop(torch.rand(40, 90, 3), 32, 48).shape == (40, 60, 3)
+    assert sampler.center_crop(torch.rand(100, 48, 3), 32, 48).shape == (32, 48, 3)
+    assert common.latent_preview_image(torch.randn(16, 60, 90)).size == (270, 180)
+    assert common.latent_preview_image(torch.rand(4, 16, 8, 8)).mode == "RGB"
+    assert common.latent_preview_image(torch.rand(32, 48, 3)).size == (288, 192)
+    assert common.latent_preview_image(None) is None
+
+
+def test_save_node_pads_odd_sizes(comfy, tmp_path):
+    video = sys.modules[comfy.pkg.__name__ + ".nodes.video"]
+    path = tmp_path / "odd.mp4"
+    video.write_mp4(torch.rand(5, 31, 47, 3), str(path), fps=8)
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    assert next(reader)["size"] == (48, 32) and len(list(reader)) == 5
+    assert os.path.getsize(path) > 0
