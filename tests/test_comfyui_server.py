@@ -1,0 +1,349 @@
+"""The package inside a real ComfyUI: headless server on CPU, shipped API workflows queued over HTTP.
+
+Runs only when COMFYUI_DIR points at a ComfyUI checkout (COMFYUI_PYTHON: the Python of its environment,
+default this one). Nothing is written into that checkout: the server gets a temporary ``--base-directory`` whose
+custom_nodes/ holds a symlink to this repository and whose models/CogVideo/ holds tiny models.
+
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/venv/bin/python pytest tests/test_comfyui_server.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "comfyui-xdit-cogvideo"
+
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout to run these")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path, port: int):
+        self.base, self.url = base, f"http://127.0.0.1:{port}"
+        log = open(base / "comfyui.log", "wb")
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        self.proc = subprocess.Popen(
+            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--base-directory", str(base), "--disable-auto-launch"],
+            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+    def log(self) -> str:
+        return (self.base / "comfyui.log").read_text(errors="replace")
+
+    def request(self, path: str, body=None, method=None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method or ("POST" if data else "GET"),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                raw = r.read()
+                return r.status, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw)
+        except urllib.error.HTTPError as e:
+            raw = e.read()
+            return e.code, (json.loads(raw) if raw[:1] in (b"{", b"[") else raw)
+
+    def wait_ready(self, timeout=180):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError("ComfyUI exited:\n" + self.log()[-4000:])
+            try:
+                if self.request("/object_info/XDiTCogVideoSampler")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError("ComfyUI did not start:\n" + self.log()[-4000:])
+
+    def queue(self, prompt: dict):
+        return self.request("/prompt", {"prompt": prompt, "client_id": "xdit-test"})
+
+    def wait(self, prompt_id: str, timeout=300) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            status, history = self.request(f"/history/{prompt_id}")
+            if status == 200 and prompt_id in history and history[prompt_id]["status"].get("completed") is not None \
+                    and history[prompt_id]["status"]["status_str"] in ("success", "error"):
+                return history[prompt_id]
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {prompt_id} did not finish:\n" + self.log()[-4000:])
+
+    def stop(self):
+        if self.proc.poll() is None:
+            # SIGTERM (what service managers send): ComfyUI dies at once; the pool's workers must notice and exit
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_path):
+    base = tmp_path_factory.mktemp("comfy-base")
+    for sub in ("custom_nodes", "models/CogVideo", "input", "output"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACKAGE
+    link.symlink_to(ROOT, target_is_directory=True)
+    for variant in ("2b", "5b-i2v"):
+        (base / "models" / "CogVideo" / f"tiny-{variant}").symlink_to(tiny_path(variant), target_is_directory=True)
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 120, 40)).save(base / "input" / "start.png")
+    srv = Server(base, _free_port())
+    try:
+        srv.wait_ready()
+        # before any job: the panel's route answers without starting the pool
+        srv.initial_status = srv.request("/xdit_cogvideo/status")
+        yield srv
+    finally:
+        srv.stop()
+        pids = getattr(srv, "worker_pids", [])
+        deadline = time.monotonic() + 20
+        while pids and time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.2)
+        link.unlink()
+        srv.leftover = [p for p in pids if _alive(p)]
+        assert not srv.leftover, f"worker processes left after ComfyUI exited: {srv.leftover}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def api_workflow(name: str, **overrides) -> dict:
+    """A shipped API workflow with the tiny model and small sizes substituted (node classes, links unchanged)."""
+    prompt = json.loads((ROOT / "workflows" / "api" / f"{name}_api.json").read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "XDiTCogVideoModelLoader":
+            inputs.update(model=overrides.get("model", "tiny-2b"), precision="fp32")
+        elif node["class_type"] == "XDiTCogVideoSampler":
+            inputs.update(width=48, height=32, frames=9, steps=3, seed=overrides.get("seed", 1))
+            inputs.update({k: v for k, v in overrides.items()
+                           if k in ("width", "height", "frames", "steps", "guidance", "dynamic_cfg", "scheduler")})
+        elif node["class_type"] == "LoadImage":
+            inputs["image"] = "start.png"
+        elif node["class_type"] == "SaveVideo":
+            inputs["filename_prefix"] = overrides.get("prefix", "video/test")
+        elif node["class_type"] == "XDiTCogVideoParallelConfig" and "devices" in overrides:
+            inputs["devices"] = overrides["devices"]
+    return prompt
+
+
+def _mp4_info(path: Path) -> tuple[tuple[int, int], int]:
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    return tuple(meta["size"]), sum(1 for _ in reader)
+
+
+def _run(server, prompt) -> dict:
+    status, body = server.queue(prompt)
+    assert status == 200, body
+    return server.wait(body["prompt_id"])
+
+
+def test_loads_as_v3_package_with_panel_and_templates(server):
+    assert server.initial_status == (200, {"running": False})
+    assert "xdit_cogvideo" not in server.log().lower() or "IMPORT FAILED" not in server.log()
+    status, info = server.request("/object_info")
+    ours = {k: v for k, v in info.items() if k.startswith("XDiTCogVideo")}
+    assert sorted(ours) == sorted(["XDiTCogVideoModelLoader", "XDiTCogVideoParallelConfig", "XDiTCogVideoTextEncode",
+                                   "XDiTCogVideoTextEncodeModelT5", "XDiTCogVideoSampler", "XDiTCogVideoDecode",
+                                   "XDiTCogVideoSaveVideo"])
+    for node in ours.values():
+        assert node["category"] == "xDiT/CogVideoX" and node["python_module"].endswith(PACKAGE)
+        for group in ("required", "optional"):
+            for name, spec in node["input"].get(group, {}).items():
+                assert spec[1].get("tooltip"), f"{node['name']}.{name}"
+    assert info["XDiTCogVideoModelLoader"]["input"]["required"]["model"][1]["options"] == ["tiny-2b", "tiny-5b-i2v"]
+    seed = info["XDiTCogVideoSampler"]["input"]["required"]["seed"][1]
+    assert seed["control_after_generate"] is True
+    # the core nodes the workflows use look as tests/test_workflows.py describes them
+    from test_workflows import CORE
+
+    for name, (inputs, outputs, _) in CORE.items():
+        real = info[name]
+        assert real["output"] == outputs, name
+        for input_name, type_, optional, constraint in inputs:
+            spec = real["input"]["optional" if optional else "required"][input_name]
+            real_type = spec[0] if isinstance(spec[0], str) else "COMBO"
+            assert real_type == type_, f"{name}.{input_name}"
+            if type_ == "COMBO" and isinstance(constraint, list):
+                options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+                assert options == constraint, f"{name}.{input_name}"
+    status, extensions = server.request("/extensions")
+    js = [e for e in extensions if "xdit_cogvideo.js" in e]
+    assert js == [f"/extensions/{PACKAGE}/xdit_cogvideo.js"]  # served once (WEB_DIRECTORY only)
+    assert server.request(js[0])[0] == 200
+    assert server.request("/workflow_templates")[1][PACKAGE] == ["cogvideox_i2v", "cogvideox_t2v",
+                                                                 "cogvideox_t2v_comfy_t5"]
+    status, template = server.request(f"/api/workflow_templates/{PACKAGE}/cogvideox_t2v.json")
+    assert status == 200 and template["nodes"]
+
+
+def test_t2v_api_workflow_writes_the_mp4(server):
+    entry = _run(server, api_workflow("cogvideox_t2v", prefix="video/t2v"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (saved,) = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    path = server.base / "output" / saved["subfolder"] / saved["filename"]
+    assert path.suffix == ".mp4" and _mp4_info(path) == ((48, 32), 9)
+    status = server.request("/xdit_cogvideo/status")[1]
+    assert status["running"] is True and status["state"] == "idle" and status["world_size"] >= 1
+    server.worker_pids = [r["pid"] for r in status["ranks"]]
+
+
+def test_i2v_api_workflow_writes_the_mp4(server):
+    entry = _run(server, api_workflow("cogvideox_i2v", model="tiny-5b-i2v", steps=2, prefix="video/i2v"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (saved,) = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert _mp4_info(server.base / "output" / saved["subfolder"] / saved["filename"]) == ((48, 32), 9)
+
+
+def test_interrupt_then_next_job_succeeds(server):
+    before = server.request("/xdit_cogvideo/status")[1]
+    status, body = server.queue(api_workflow("cogvideox_t2v", steps=1000, seed=2))
+    assert status == 200, body
+    prompt_id = body["prompt_id"]
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # interrupt once sampling is under way
+        job = (server.request("/xdit_cogvideo/status")[1] or {}).get("job") or {}
+        if job.get("phase") == "sample" or (job.get("step") or 0) > 0:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"job never reached sampling: {job}")
+    t0 = time.monotonic()
+    assert server.request("/interrupt", {}, method="POST")[0] == 200
+    entry = server.wait(prompt_id, timeout=60)
+    stopped_in = time.monotonic() - t0
+    kinds = [m[0] for m in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "error" and "execution_interrupted" in kinds, entry["status"]
+    assert "execution_error" not in kinds
+    assert stopped_in < 30
+    after = server.request("/xdit_cogvideo/status")[1]
+    assert after["state"] == "idle" and after["starts"] == before["starts"]  # same workers, no restart
+    assert [r["pid"] for r in after["ranks"]] == [r["pid"] for r in before["ranks"]]
+    entry = _run(server, api_workflow("cogvideox_t2v", seed=3, prefix="video/after_cancel"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+
+
+def test_bad_inputs_give_clear_errors(server):
+    # rejected by validation at POST /prompt
+    status, body = server.queue(api_workflow("cogvideox_t2v", frames=8))
+    assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
+    (errors,) = [e["errors"] for e in body["node_errors"].values() if e["class_type"] == "XDiTCogVideoSampler"]
+    assert "frames must be 4k+1" in errors[0]["details"]
+    status, body = server.queue(api_workflow("cogvideox_t2v", devices="gpu please"))
+    assert status == 400 and "cannot parse" in json.dumps(body["node_errors"])
+    status, body = server.queue(api_workflow("cogvideox_t2v", model="CogVideoX-2b"))
+    assert status == 400 and "was not found in models/CogVideo" in json.dumps(body["node_errors"])
+    # accepted, then refused by the model before the pool runs: the error is in the history
+    entry = _run(server, api_workflow("cogvideox_t2v", model="tiny-5b-i2v", seed=4))
+    assert entry["status"]["status_str"] == "error"
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_type"] == "XDiTCogVideoSampler" and error["exception_type"].endswith("RequestError")
+    assert "image-to-video model: give a start image" in error["exception_message"]
+    entry = _run(server, api_workflow("cogvideox_i2v", model="tiny-5b-i2v", frames=13, seed=5))
+    (error,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert "only runs at 9 frames x 32 x 48" in error["exception_message"]
+    assert server.request("/xdit_cogvideo/status")[1]["state"] == "idle"
+
+
+CLIP_CHECK = r"""
+import json, os, sys, importlib.util
+COMFY, ROOT = sys.argv[1], sys.argv[2]
+sys.path.insert(0, COMFY)
+from comfy.cli_args import args
+args.cpu = True
+import torch
+from comfy import sd1_clip
+import comfy.sd, comfy.supported_models_base, comfy.text_encoders.t5, comfy.text_encoders.sd3_clip, comfy.text_encoders.genmo
+from transformers import T5Config, T5EncoderModel, T5TokenizerFast
+from diffusers import CogVideoXPipeline
+spec = importlib.util.spec_from_file_location("xdit_pkg", os.path.join(ROOT, "__init__.py"),
+                                              submodule_search_locations=[ROOT])
+pkg = importlib.util.module_from_spec(spec); sys.modules["xdit_pkg"] = pkg; spec.loader.exec_module(pkg)
+text = sys.modules["xdit_pkg.nodes.text"]
+out = {}
+prompts = ["a cat playing piano", "", "A panda, dressed in a small, red jacket and a tiny hat, sits on a wooden stool. 4K!",
+           " ".join(["a golden retriever runs along a sunny beach at sunset, waves rolling in;"] * 30)]
+# 1. ComfyUI's real T5-XXL tokenizer + our 226-token fit == diffusers' tokenization (same tokenizer files)
+hf = T5TokenizerFast.from_pretrained(os.path.join(COMFY, "comfy", "text_encoders", "t5_tokenizer"))
+tok = comfy.text_encoders.sd3_clip.SD3Tokenizer()
+out["token_mismatch"] = [p[:30] for p in prompts if
+    [t for t, *_ in text.fit_tokens(tok.tokenize_with_weights(p, tokenizer_options={"t5xxl_min_length": 226})["t5xxl"][0])]
+    != hf(p, padding="max_length", max_length=226, truncation=True, add_special_tokens=True)["input_ids"]]
+# 2. ComfyUI's T5 implementation on small random weights vs transformers' T5 inside diffusers' encode
+torch.manual_seed(0)
+hf_model = T5EncoderModel(T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                   feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)).eval()
+config = os.path.join(sys.argv[3], "t5_tiny.json")
+json.dump({"d_ff": 64, "d_kv": 8, "d_model": 32, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
+           "is_gated_act": True, "model_type": "t5", "vocab_size": 32128}, open(config, "w"))
+pipe = CogVideoXPipeline(tokenizer=hf, text_encoder=hf_model, vae=None, transformer=None, scheduler=None)
+for mask in (True, False):  # True = CLIPLoader type mochi (masks padding), False = type sd3
+    class T5Model(sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kw):
+            super().__init__(device=device, textmodel_json_config=config, dtype=dtype, special_tokens={"end": 1, "pad": 0},
+                             model_class=comfy.text_encoders.t5.T5, enable_attention_masks=mask,
+                             return_attention_masks=mask, model_options=model_options)
+    class Clip(sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, name="t5xxl", clip_model=T5Model, model_options=model_options)
+    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.genmo.MochiT5Tokenizer, Clip)
+    clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
+    missing, _ = clip.load_sd({k: v.float() for k, v in hf_model.state_dict().items()})
+    assert not missing, missing
+    for p in prompts:
+        want = pipe._get_t5_prompt_embeds(p, max_sequence_length=226, device=torch.device("cpu"), dtype=torch.float32)
+        ours, _ = text.encode_with_clip(clip, p)
+        out.setdefault(f"node_mask{mask}", []).append(float((ours - want).abs().max()))
+        plain = clip.encode_from_tokens(clip.tokenize(p, tokenizer_options={"t5xxl_min_length": 226}), return_dict=True)["cond"]
+        out.setdefault(f"plain_mask{mask}", []).append(float((plain - want).abs().max()) if plain.shape == want.shape else None)
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_comfy_clip_text_encode_equals_diffusers(tmp_path):
+    """The CLIP text-encode node with ComfyUI's tokenizer and T5 gives diffusers' CogVideoX embeddings."""
+    run = subprocess.run([COMFYUI_PYTHON, "-c", CLIP_CHECK, COMFYUI_DIR, str(ROOT), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env=dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false"))
+    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-4000:]
+    result = json.loads(lines[-1][7:])
+    assert result["token_mismatch"] == []
+    assert max(result["node_maskTrue"] + result["node_maskFalse"]) < 1e-4
+    # plain ComfyUI encodes differ: masked padding (type mochi), or no truncation for long prompts
+    assert max(x for x in result["plain_maskTrue"] if x is not None) > 0.1
+    assert result["plain_maskFalse"][-1] is None
