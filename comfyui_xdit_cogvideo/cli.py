@@ -253,7 +253,7 @@ class _Progress:
 def _generate(args) -> int:
     from .layout import choose_layout
     from .loading import ModelSource, read_model_info
-    from .pool import ModelSpec, get_pool
+    from .pool import ModelSpec, get_pool, parse_devices
     from .request import GenerationRequest
     from .video import write_video
 
@@ -281,10 +281,10 @@ def _generate(args) -> int:
     )
     resolved = request.resolved(info)
     tiling = _parse_tile(args.tile)
-    pool = get_pool(devices)
-    world = pool.world_size
+    world = parse_devices(devices).world_size
     layout = choose_layout(world, heads=info.heads, use_cfg=resolved.use_cfg, cfg=args.cfg, ulysses=args.ulysses,
                            ring=args.ring)
+    pool = get_pool(devices)  # workers start only now, once everything above is known to be valid
     progress = _Progress(args.quiet)
     if not args.quiet:
         print(f"{info.variant} {resolved.frames}x{resolved.height}x{resolved.width}, {resolved.steps} steps, "

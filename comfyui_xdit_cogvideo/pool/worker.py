@@ -74,6 +74,7 @@ class Worker:
         self.last_rx = time.monotonic()
         self._cancelled: set[int] = set()
         self._fault: dict | None = None
+        self.exit_code: int | None = None
         self._lock = threading.Lock()
 
     # -- threads -----------------------------------------------------------------------------------------
@@ -84,6 +85,8 @@ class Worker:
             self._lost("controller connection closed")
 
     def _lost(self, why: str) -> None:
+        if self.exit_code is not None:  # asked to exit; the controller may close first
+            os._exit(self.exit_code)
         log.warning("rank %d: %s; exiting", self.rank, why)
         os._exit(EXIT_RESTART if self.remote else 0)
 
@@ -104,11 +107,12 @@ class Worker:
                 with self._lock:
                     self._fault = dict(message, count=0)
             elif op == "exit":
-                code = int(message.get("code", 0))
+                code = self.exit_code = int(message.get("code", 0))
                 self.commands.put(message)
                 if self.state != "idle":
                     # The main thread is inside a job (perhaps blocked in a collective whose peer is gone).
                     threading.Timer(3.0, os._exit, (code,)).start()
+                return
             else:
                 self.commands.put(message)
 
@@ -120,6 +124,8 @@ class Worker:
     def _watchdog(self) -> None:
         while True:
             time.sleep(0.5)
+            if self.exit_code is not None:
+                continue
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("rank %d: parent process %d is gone; exiting", self.rank, self.parent_pid)
                 os._exit(0)

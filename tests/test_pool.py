@@ -1,0 +1,260 @@
+"""The worker pool on two gloo CPU ranks: resident models, progress, cancel, failures, parallel decode.
+
+One pool serves the whole module (starting one costs a few seconds on a 2-core CI machine); the tests that
+break it (a raising worker, kill -9) run last and each checks that the next job gets a fresh, working pool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+
+from comfyui_xdit_cogvideo import GenerationRequest, Layout, LayoutError, ModelError, RequestError
+from comfyui_xdit_cogvideo.engine import CogVideoEngine, GenerationCancelled
+from comfyui_xdit_cogvideo.pool import ModelSpec, PoolError, ProgressEvent, WorkerError, WorkerPool, parse_devices
+from comfyui_xdit_cogvideo.vae_parallel import Tiling, decode_latents
+
+pytestmark = pytest.mark.timeout(240)
+
+SPEC = ModelSpec("tiny", dtype="fp32")
+REL_TOL = 1e-4
+
+
+def _request(**kwargs) -> GenerationRequest:
+    base = dict(prompt="a cat playing piano", steps=3, seed=7)
+    base.update(kwargs)
+    return GenerationRequest(**base)
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, rel: float = REL_TOL) -> bool:
+    return (a.float() - b.float()).abs().max().item() <= rel * max(b.float().abs().max().item(), 1e-6)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_cache):
+    return CogVideoEngine("tiny", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def pool(tiny_cache, tiny_path):
+    tiny_path("2b")  # build the model once here, not in two workers at the same time
+    pool = WorkerPool("cpu:2", echo_output=False, heartbeat_timeout=20)
+    yield pool
+    pids = [r["pid"] for r in pool.status()["ranks"]]
+    pool.shutdown()
+    assert all(_gone(pid) for pid in pids)
+
+
+def test_bad_input_is_rejected_before_any_worker_starts(tiny_cache):
+    pool = WorkerPool("cpu:2", echo_output=False)
+    with pytest.raises(RequestError, match="4k\\+1"):
+        pool.generate(SPEC, _request(frames=10))
+    with pytest.raises(RequestError, match="multiple of 16"):
+        pool.generate(SPEC, _request(height=40))
+    with pytest.raises(LayoutError, match="does not divide the model's 6 attention heads"):
+        pool.generate(SPEC, _request(), layout=Layout(1, 4, 1))
+    with pytest.raises(LayoutError, match="needs 3 ranks, but the pool has 2"):
+        pool.generate(SPEC, _request(), layout=Layout(1, 3, 1))
+    with pytest.raises(LayoutError, match="cfg degree 2 needs classifier-free guidance"):
+        pool.generate(SPEC, _request(guidance=1.0), layout=Layout(2, 1, 1))
+    with pytest.raises(ModelError, match="does not exist"):
+        pool.generate(ModelSpec("/nonexistent/model"), _request())
+    with pytest.raises(ModelError, match="unknown dtype"):
+        pool.generate(ModelSpec("tiny", dtype="fp8"), _request())
+    with pytest.raises(ModelError, match="unknown attention"):
+        pool.generate(ModelSpec("tiny", attention="nope"), _request())
+    with pytest.raises(RequestError, match="latents must be"):
+        pool.decode(SPEC, torch.zeros(1, 3, 16, 4, 6))
+    with pytest.raises(RequestError, match="embeds must have shape"):
+        pool.generate(SPEC, GenerationRequest(prompt_embeds=torch.zeros(1, 77, 32), steps=2))
+    status = pool.status()
+    assert status["state"] == "stopped" and status["ranks"] == [] and status["starts"] == 0
+    pool.shutdown()
+
+
+def test_device_strings():
+    assert parse_devices("cpu:3").world_size == 3 and parse_devices("cpu").backend == "gloo"
+    remote = parse_devices("listen://0.0.0.0:29600?world=8")
+    assert remote.kind == "remote" and remote.world_size == 8 and remote.address == ("0.0.0.0", 29600)
+    for bad, message in (("cpu:0", "cpu:N"), ("listen://host", "listen://HOST:PORT"), ("a,b", "cannot parse")):
+        with pytest.raises(PoolError, match=message):
+            parse_devices(bad)
+    if not torch.cuda.is_available():
+        assert parse_devices("auto") == parse_devices("cpu:1")
+        with pytest.raises(PoolError, match="no CUDA GPU"):
+            parse_devices("0,1")
+
+
+def test_generate_equals_in_process_engine_and_keeps_the_model_resident(pool, engine):
+    events: list[ProgressEvent] = []
+    first = pool.generate(SPEC, _request(), on_event=events.append)
+    expected = engine.generate(_request())
+    assert first.shape == expected.shape == (1, 3, 4, 4, 6)
+    assert _close(first, expected)
+    phases = [(e.phase, e.step, e.total) for e in events]
+    assert phases == [("load", 0, 1), ("load", 1, 1), ("sample", 1, 3), ("sample", 2, 3), ("sample", 3, 3)]
+    samples = [e for e in events if e.phase == "sample"]
+    assert all(e.seconds_per_step is not None and e.seconds_per_step > 0 for e in samples)
+    assert all(e.preview is not None and tuple(e.preview.shape) == (4, 4, 6) for e in samples)
+    assert pool.status()["loads"] == 1
+
+    # a second job with another layout, seed and step count: no reload, only new process groups
+    events.clear()
+    second = pool.generate(SPEC, _request(seed=11, steps=4), layout=Layout(1, 1, 2), on_event=events.append)
+    assert [(e.phase, e.step) for e in events] == [("sample", i) for i in range(1, 5)]
+    assert _close(second, engine.generate(_request(seed=11, steps=4)))
+    status = pool.status()
+    assert status["loads"] == 1 and all(r["loads"] == 1 for r in status["ranks"])
+    assert status["layout"] == [1, 1, 2]
+
+
+def test_status_is_a_json_snapshot(pool):
+    pool.start()
+    status = json.loads(json.dumps(pool.status()))
+    assert status["world_size"] == 2 and status["backend"] == "gloo" and status["devices"] == "cpu:2"
+    assert status["state"] == "idle" and status["job"] is None and status["last_error"] is None
+    assert [r["rank"] for r in status["ranks"]] == [0, 1]
+    for rank in status["ranks"]:
+        assert psutil.pid_exists(rank["pid"]) and rank["pid"] != os.getpid()
+        assert rank["device"] == "cpu" and rank["state"] == "idle"
+        assert rank["memory"]["rss"] > 0
+    assert status["model"]["path"] == "tiny" and status["model"]["dtype"] == "fp32"
+
+
+def test_status_reports_the_running_job(pool):
+    seen = []
+
+    def on_event(event):
+        if event.phase == "sample" and event.step == 2:
+            seen.append(pool.status())  # status() must answer while a job runs
+
+    pool.generate(SPEC, _request(steps=4), on_event=on_event)
+    assert seen and seen[0]["state"] == "busy"
+    assert seen[0]["job"]["kind"] == "generate" and seen[0]["job"]["step"] == 2 and seen[0]["job"]["total"] == 4
+
+
+def test_cancel_stops_within_a_step_and_the_next_job_runs(pool, engine):
+    pids = [r["pid"] for r in pool.status()["ranks"]]
+    events = []
+    started = time.monotonic()
+    with pytest.raises(GenerationCancelled):
+        pool.generate(SPEC, _request(steps=400), on_event=events.append,
+                      cancel=lambda: len(events) >= 2)
+    assert time.monotonic() - started < 30
+    assert 2 <= len(events) <= 4, [e.step for e in events]  # stopped at the next step boundary or so
+    after = pool.generate(SPEC, _request())
+    assert _close(after, engine.generate(_request()))
+    assert [r["pid"] for r in pool.status()["ranks"]] == pids and pool.status()["loads"] == 1
+
+
+def test_an_exception_in_the_progress_hook_cancels_and_propagates(pool):
+    class Interrupted(Exception):
+        pass
+
+    def on_event(event):
+        if event.phase == "sample" and event.step == 2:
+            raise Interrupted("user pressed cancel")
+
+    pids = [r["pid"] for r in pool.status()["ranks"]]
+    with pytest.raises(Interrupted):
+        pool.generate(SPEC, _request(steps=400), on_event=on_event)
+    pool.generate(SPEC, _request(steps=2))
+    assert [r["pid"] for r in pool.status()["ranks"]] == pids
+
+
+def test_encode_prompt_equals_engine(pool, engine):
+    positive, negative = pool.encode_prompt(SPEC, "a cat playing piano", "blurry")
+    ref_positive, ref_negative = engine.encode_prompt("a cat playing piano", "blurry")
+    assert positive.shape == (1, 226, 32)
+    assert torch.allclose(positive, ref_positive, atol=1e-6) and torch.allclose(negative, ref_negative, atol=1e-6)
+    # embeddings in, same latents as text in
+    with_embeds = pool.generate(SPEC, GenerationRequest(prompt_embeds=positive, negative_prompt_embeds=negative,
+                                                        steps=2, seed=3))
+    with_text = pool.generate(SPEC, _request(negative_prompt="blurry", steps=2, seed=3))
+    assert _close(with_embeds, with_text)
+
+
+def test_parallel_tiled_decode_equals_single_process(pool, engine):
+    latents = engine.generate(_request(steps=2))
+    tiling = Tiling(16, 24, 1 / 2, 1 / 3)  # 4 x 3 = 12 tiles over 2 ranks
+    events = []
+    frames = pool.decode(SPEC, latents, frames=9, tiled=True, tiling=tiling, on_event=events.append)
+    single = decode_latents(engine.vae, latents, frames=9, tiled=True, tiling=tiling)
+    assert frames.shape == single.shape == (9, 32, 48, 3)
+    assert (frames - single).abs().max().item() < 1e-5
+    assert [(e.phase, e.step, e.total) for e in events] == [("decode", i, 6) for i in range(1, 7)]
+    # the same thing through diffusers' own tiled decode
+    vae = engine.vae
+    tiling.apply(vae)
+    z = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+    with torch.no_grad():
+        reference = ((vae.decode(z).sample[0] / 2 + 0.5).clamp(0, 1)).permute(1, 2, 3, 0)
+    vae.disable_tiling()
+    assert (frames - reference).abs().max().item() < 1e-5
+    plain = pool.decode(SPEC, latents, frames=9, tiled=False)
+    assert (plain - engine.decode(latents, frames=9)).abs().max().item() < 1e-5
+    assert pool.status()["loads"] == 1  # decoding reused the resident VAE, nothing reloaded
+
+
+def test_a_worker_that_raises_reports_rank_and_traceback(pool, engine):
+    old = [r["pid"] for r in pool.status()["ranks"]]
+    pool.inject_fault(1, "raise", step=2)
+    started = time.monotonic()
+    with pytest.raises(WorkerError) as caught:
+        pool.generate(SPEC, _request(steps=5))
+    assert time.monotonic() - started < 30
+    error = caught.value
+    assert error.rank == 1 and error.exc_type == "RuntimeError" and "injected fault on rank 1" in error.message
+    assert "Traceback" in error.traceback and "worker rank 1" in str(error)
+    # rank 0 was left inside a collective: the pool is stopped and every process reaped
+    assert all(_gone(pid) for pid in old)
+    assert pool.status()["state"] == "stopped" and "injected fault" in pool.status()["last_error"]
+    result = pool.generate(SPEC, _request())
+    assert _close(result, engine.generate(_request()))
+    assert not set(old) & {r["pid"] for r in pool.status()["ranks"]}
+
+
+def test_kill_9_fails_the_job_quickly_leaves_no_process_and_the_pool_restarts(pool, engine):
+    pool.start()
+    old = [r["pid"] for r in pool.status()["ranks"]]
+    victim = old[1]
+    killed_at = []
+
+    def kill_during_sampling():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            job = pool.status()["job"]
+            if job and job["phase"] == "sample" and job["step"] >= 2:
+                os.kill(victim, signal.SIGKILL)
+                killed_at.append(time.monotonic())
+                return
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_during_sampling, daemon=True)
+    killer.start()
+    with pytest.raises(WorkerError, match="SIGKILL") as caught:
+        pool.generate(SPEC, _request(steps=1000))
+    failed_at = time.monotonic()
+    killer.join(5)
+    assert killed_at and caught.value.rank == 1
+    assert failed_at - killed_at[0] < 10  # detected, every worker stopped and reaped, error raised
+    assert all(_gone(pid) for pid in old), [(p, psutil.pid_exists(p)) for p in old]
+    assert pool.status()["state"] == "stopped"
+    result = pool.generate(SPEC, _request())
+    assert _close(result, engine.generate(_request()))
+    new = [r["pid"] for r in pool.status()["ranks"]]
+    assert len(new) == 2 and not set(old) & set(new) and pool.status()["starts"] >= 3
