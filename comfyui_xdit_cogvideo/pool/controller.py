@@ -591,6 +591,7 @@ class WorkerPool:
                     except ChannelClosed:
                         pass
         _kill_ranks(ranks, signal.SIGTERM)
+        _kill_ranks(ranks, signal.SIGCONT)  # a stopped (SIGSTOP) worker must run to act on SIGTERM
         deadline = time.monotonic() + 3.0
         for entry in ranks:
             if entry.proc is not None:

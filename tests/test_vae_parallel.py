@@ -1,0 +1,115 @@
+"""Tiled VAE decode spread over 2 and 3 gloo ranks equals single-process tiled decode (diffusers' own)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from comfyui_xdit_cogvideo.engine import GenerationCancelled
+from comfyui_xdit_cogvideo.vae_parallel import (Tiling, decode_latents, default_tiling, tiled_decode, tiled_size,
+                                                to_frames)
+from distributed import run_world
+
+pytestmark = pytest.mark.timeout(300)
+
+TILINGS = [
+    (16, 24, 1 / 2, 1 / 3),  # 4 x 3 = 12 tiles: 6 rounds on 2 ranks, 4 on 3
+    (24, 32, 1 / 3, 1 / 4),  # 2 x 2 = 4 tiles: the last round leaves ranks idle
+]
+
+
+@pytest.fixture(scope="module")
+def vae(tiny_path):
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX.from_pretrained(tiny_path("2b") / "vae").eval()
+
+
+@pytest.fixture(scope="module")
+def latents():
+    return torch.randn(1, 3, 4, 4, 6, generator=torch.Generator().manual_seed(0))
+
+
+def _diffusers(vae, latents, tiling: Tiling | None) -> torch.Tensor:
+    model = copy.deepcopy(vae)
+    if tiling is None:
+        model.enable_tiling()
+    else:
+        tiling.apply(model)
+    z = latents.permute(0, 2, 1, 3, 4) / model.config.scaling_factor
+    with torch.no_grad():
+        return to_frames(model.decode(z).sample)
+
+
+@pytest.fixture(scope="module")
+def references(vae, latents):
+    return {t: _diffusers(vae, latents, Tiling(*t)) for t in TILINGS}
+
+
+def test_single_process_equals_diffusers_tiled_decode(vae, latents):
+    # diffusers' defaults for this tiny VAE (16 x 24 pixel tiles, overlaps 1/6 and 1/5) stitch to 50 x 56 pixels,
+    # not 32 x 48; the result is still diffusers' result exactly
+    ours = decode_latents(vae, latents, tiled=True, tiling=Tiling.of(vae))
+    theirs = _diffusers(vae, latents, None)
+    assert ours.shape == theirs.shape == (9, 50, 56, 3)
+    assert torch.equal(ours, theirs)
+    # default_tiling snaps the overlaps to whole latent rows so the frame comes out whole
+    fixed = default_tiling(vae, (4, 6))
+    assert tiled_size(vae, fixed, (4, 6)) == (32, 48)
+    assert decode_latents(vae, latents, tiled=True).shape == (9, 32, 48, 3)
+    assert torch.equal(decode_latents(vae, latents, tiled=True), _diffusers(vae, latents, fixed))
+
+
+def test_latents_inside_one_tile_decode_plainly_like_diffusers(vae, latents):
+    big = Tiling(64, 64, 1 / 4, 1 / 4)
+    assert torch.equal(decode_latents(vae, latents, tiled=True, tiling=big),
+                       decode_latents(vae, latents, tiled=False))
+
+
+def test_cancel_between_rounds(vae, latents):
+    z = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+    rounds = []
+    with pytest.raises(GenerationCancelled):
+        tiled_decode(vae, z, Tiling(*TILINGS[0]), on_progress=lambda s, t: rounds.append(s),
+                     should_cancel=lambda: len(rounds) >= 2)
+    assert rounds == [1, 2]
+
+
+def _decode_on_rank(rank, vae_folder, latents, tilings):
+    """On 3 ranks: each tiling decoded by ranks {0, 1} (a 2-rank group) and by all 3 ranks."""
+    from diffusers import AutoencoderKLCogVideoX
+
+    torch.set_num_threads(1)
+    vae = AutoencoderKLCogVideoX.from_pretrained(vae_folder).eval()
+    latents = torch.from_numpy(latents)
+    pair = dist.new_group([0, 1])
+    out = {}
+    for world, group in ((2, pair), (3, dist.group.WORLD)):
+        if rank >= world:
+            continue
+        for t in tilings:
+            frames = decode_latents(vae, latents, tiled=True, tiling=Tiling(*t), group=group)
+            assert (frames is None) == (rank != 0)
+            out[world, t] = None if frames is None else frames.numpy()
+    # one rank asks to cancel in the second round: every rank stops there
+    calls = []
+    try:
+        decode_latents(vae, latents, tiled=True, tiling=Tiling(*tilings[0]), group=dist.group.WORLD,
+                       should_cancel=lambda: calls.append(1) or (rank == 1 and len(calls) >= 2))
+        out["cancel"] = "finished"
+    except GenerationCancelled:
+        out["cancel"] = f"cancelled after {len(calls)} rounds"
+    return out
+
+
+def test_parallel_tiled_decode_on_2_and_3_ranks_equals_single_process(tiny_path, latents, references):
+    results = run_world(3, _decode_on_rank, str(tiny_path("2b") / "vae"), latents.numpy(), TILINGS)
+    for world in (2, 3):
+        for t in TILINGS:
+            got = torch.from_numpy(results[0][world, t])
+            assert got.shape == references[t].shape == (9, 32, 48, 3)
+            assert (got - references[t]).abs().max().item() < 1e-6, (world, t)
+    assert all(r["cancel"] == "cancelled after 2 rounds" for r in results)
