@@ -48,52 +48,86 @@ function ranksOf(status) {
   return Array.isArray(ranks) ? ranks : Object.entries(ranks).map(([rank, info]) => ({ rank, ...info }));
 }
 
+function memoryText(memory) {
+  if (!memory || typeof memory !== "object") return "";
+  if (memory.allocated != null) {  // CUDA ranks
+    const total = memory.total ? ` / ${fmtBytes(memory.total)}` : "";
+    return `${fmtBytes(memory.allocated)} used, ${fmtBytes(memory.reserved)} reserved${total}`;
+  }
+  if (memory.rss != null) return `${fmtBytes(memory.rss)} RSS`;
+  return fmtValue("memory", memory);
+}
+
+function modelText(model) {
+  if (!model) return "none loaded";
+  if (typeof model !== "object") return esc(model);
+  const name = String(model.path ?? "").split(/[\\/]/).filter(Boolean).pop() ?? "";
+  return [name, model.variant, model.dtype, model.attention && `attention ${model.attention}`].filter(Boolean).map(esc).join(" · ");
+}
+
+function layoutText(layout) {
+  if (Array.isArray(layout) && layout.length === 3) return `cfg ${layout[0]} × ulysses ${layout[1]} × ring ${layout[2]}`;
+  return layout ? esc(layout) : "";
+}
+
+function row(label, value) {
+  return value === "" || value == null ? "" :
+    `<tr><td style="opacity:.65;padding:1px 8px 1px 0;vertical-align:top;white-space:nowrap">${esc(label)}</td><td>${value}</td></tr>`;
+}
+
 function renderInto(el) {
   const s = state.status;
-  const rows = [];
-  const head = `<div style="display:flex;align-items:center;gap:8px;margin-bottom:8px">
-      <b style="flex:1">xDiT CogVideoX pool</b>
-      <button class="xdit-refresh" title="Refresh" style="cursor:pointer">Refresh</button>
-      <button class="xdit-stop" title="Stop the worker pool and free its GPUs (restarts with the next job)" style="cursor:pointer"${s && s.state ? "" : " disabled"}>Stop pool</button>
+  const parts = [];
+  const head = `<div style="display:flex;align-items:center;gap:6px;margin-bottom:8px">
+      <b style="flex:1">xDiT pool</b>
+      <button class="xdit-refresh p-button p-button-sm p-button-text" title="Refresh">Refresh</button>
+      <button class="xdit-stop p-button p-button-sm p-button-text" title="Stop the worker pool and free its GPUs (it restarts with the next job)"${s && s.state && s.state !== "stopped" ? "" : " disabled"}>Stop</button>
     </div>`;
-  if (state.error) rows.push(`<div style="color:#e66">Status unavailable: ${esc(state.error)}</div>`);
+  if (state.error) parts.push(`<div style="color:#e66">Status unavailable: ${esc(state.error)}</div>`);
   if (!s) {
-    rows.push(`<div style="opacity:.7">Loading…</div>`);
+    parts.push(`<div style="opacity:.7">Loading…</div>`);
   } else if (s.running === false && !s.state) {
-    rows.push(`<div class="xdit-state"><b>Not started.</b> The pool starts with the first xDiT CogVideoX job.</div>`);
-    if (s.error) rows.push(`<div style="color:#e66">${esc(s.error)}</div>`);
+    parts.push(`<div class="xdit-state"><b>Not started.</b> The worker pool starts with the first xDiT CogVideoX job.</div>`);
+    if (s.error) parts.push(`<div style="color:#e66">${esc(s.error)}</div>`);
   } else {
-    const skip = new Set(["ranks", "workers", "running", "state", "current_job", "job", "last_error", "model", "loaded_model"]);
-    const fields = Object.entries(s).filter(([k]) => !skip.has(k));
-    rows.push(`<div class="xdit-state"><b>${esc(s.state ?? "running")}</b></div>`);
-    rows.push(`<table style="width:100%;font-size:12px;border-collapse:collapse">${fields.map(([k, v]) =>
-      `<tr><td style="opacity:.7;padding-right:8px;vertical-align:top">${esc(k)}</td><td>${fmtValue(k, v)}</td></tr>`).join("")}</table>`);
-    const model = s.loaded_model ?? s.model;
-    if (model) rows.push(`<div style="margin-top:6px"><span style="opacity:.7">model</span> ${fmtValue("model", model)}</div>`);
+    const known = new Set(["ranks", "workers", "running", "state", "devices", "kind", "backend", "world_size", "model",
+      "layout", "loads", "job", "jobs_done", "starts", "started_at", "last_error"]);
+    const rows = [
+      row("state", `<b class="xdit-state">${esc(s.state ?? "running")}</b>`),
+      row("devices", `${esc(s.devices ?? "")} <span style="opacity:.65">(${esc(s.backend ?? "")}, ${esc(s.world_size ?? "?")} rank${s.world_size === 1 ? "" : "s"})</span>`),
+      row("model", modelText(s.model)),
+      row("layout", layoutText(s.layout)),
+      row("jobs", s.jobs_done != null ? `${esc(s.jobs_done)} done · ${esc(s.loads ?? 0)} model load${s.loads === 1 ? "" : "s"}` : ""),
+      ...Object.entries(s).filter(([k]) => !known.has(k)).map(([k, v]) => row(k, fmtValue(k, v))),
+    ];
+    parts.push(`<table style="width:100%;font-size:12px;border-collapse:collapse">${rows.join("")}</table>`);
     const ranks = ranksOf(s);
     if (ranks.length) {
-      const keys = [...new Set(ranks.flatMap((r) => Object.keys(r)))];
-      rows.push(`<table class="xdit-ranks" style="width:100%;font-size:12px;margin-top:8px;border-collapse:collapse">
-        <tr>${keys.map((k) => `<th style="text-align:left;border-bottom:1px solid #555;padding:2px 4px">${esc(k)}</th>`).join("")}</tr>
-        ${ranks.map((r) => `<tr>${keys.map((k) => `<td style="padding:2px 4px">${fmtValue(k, r[k])}</td>`).join("")}</tr>`).join("")}
-      </table>`);
+      parts.push(`<div class="xdit-ranks" style="margin-top:8px;font-size:12px">${ranks.map((r) => {
+        const step = Array.isArray(r.step) && r.step[1] ? ` · step ${esc(r.step[0])}/${esc(r.step[1])}` : "";
+        return `<div style="padding:4px 6px;margin-bottom:4px;border-radius:4px;background:var(--comfy-input-bg,#2a2a2a)">
+          <b>rank ${esc(r.rank)}</b> · ${esc(r.device ?? "")} · ${esc(r.state ?? "")}${step}<br>
+          <span style="opacity:.75">${memoryText(r.memory)}${r.pid ? ` · pid ${esc(r.pid)}` : ""}${r.host ? ` · ${esc(r.host)}` : ""}</span></div>`;
+      }).join("")}</div>`);
     }
-    const job = s.current_job ?? s.job;
-    if (job) rows.push(`<div style="margin-top:8px"><span style="opacity:.7">current job</span> ${fmtValue("job", job)}</div>`);
-    if (s.last_error) rows.push(`<div style="margin-top:8px;color:#e66"><span style="opacity:.7">last error</span> ${fmtValue("error", s.last_error)}</div>`);
+    const job = s.job;
+    if (job && typeof job === "object") {
+      parts.push(`<div style="margin-top:6px;font-size:12px"><span style="opacity:.65">current job</span> ${esc(job.kind ?? "")} ${esc(job.phase ?? "")} ${job.total ? `${esc(job.step)}/${esc(job.total)}` : ""}</div>`);
+    }
+    if (s.last_error) parts.push(`<div style="margin-top:6px;font-size:12px;color:#e66"><span style="opacity:.65">last error</span> ${fmtValue("error", s.last_error)}</div>`);
   }
   const live = state.live;
   if (live) {
     const sps = typeof live.seconds_per_step === "number" ? ` · ${live.seconds_per_step.toFixed(2)} s/step` : "";
-    rows.push(`<div class="xdit-live" style="margin-top:10px"><span style="opacity:.7">${esc(live.job ?? "")} ${esc(live.phase ?? "")}</span>
-      ${esc(live.step)}/${esc(live.total)}${sps} <span style="opacity:.7">(node ${esc(live.node ?? "?")})</span>
+    parts.push(`<div class="xdit-live" style="margin-top:10px;font-size:12px"><span style="opacity:.65">${esc(live.job ?? "")} · ${esc(live.phase ?? "")}</span>
+      ${esc(live.step)}/${esc(live.total)}${sps} <span style="opacity:.65">(node #${esc(live.node ?? "?")})</span>
       ${progressBar(live.step, live.total)}</div>`);
   }
   if (state.job && state.job.state !== "started") {
     const j = state.job;
-    rows.push(`<div style="margin-top:4px;font-size:12px;opacity:.8">last ${esc(j.job)}: ${esc(j.state)}${j.elapsed != null ? ` in ${esc(j.elapsed)} s` : ""}${j.error ? ` — ${esc(j.error)}` : ""}</div>`);
+    parts.push(`<div class="xdit-last-job" style="margin-top:4px;font-size:12px;opacity:.8">last ${esc(j.job)}: ${esc(j.state)}${j.elapsed != null ? ` in ${esc(j.elapsed)} s` : ""}${j.error ? ` — ${esc(j.error)}` : ""}</div>`);
   }
-  el.innerHTML = `<div class="xdit-cogvideo-panel" style="padding:10px;font-size:13px;line-height:1.4">${head}${rows.join("")}</div>`;
+  el.innerHTML = `<div class="xdit-cogvideo-panel" style="padding:10px;font-size:13px;line-height:1.4">${head}${parts.join("")}</div>`;
   el.querySelector(".xdit-refresh")?.addEventListener("click", () => refresh());
   el.querySelector(".xdit-stop")?.addEventListener("click", async () => {
     try { await api.fetchApi("/xdit_cogvideo/shutdown", { method: "POST" }); } catch (e) { /* shown by refresh */ }

@@ -165,73 +165,76 @@ class Graph:
             "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"comfyui-xdit-cogvideo/{self.name}")), "revision": 0,
             "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
             "links": self.links, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}, "frontendVersion": "1.27.10"}, "version": 0.4,
+            "extra": {"ds": {"scale": 0.8, "offset": [20, 40]}, "frontendVersion": "1.27.10"}, "version": 0.4,
         }
 
 
 def t2v(model_t5: bool = True) -> Graph:
     g = Graph("cogvideox_t2v" if model_t5 else "cogvideox_t2v_comfy_t5")
-    g.add("MarkdownNote", (0, -20), (520, 560), title="Read me: model files", text=T2V_NOTE if model_t5 else T2V_T5_NOTE)
-    loader = g.add("XDiTCogVideoModelLoader", (560, 0), (380, 180), model="CogVideoX-2b",
+    g.add("MarkdownNote", (0, 0), (430, 640), title="Read me: model files", text=T2V_NOTE if model_t5 else T2V_T5_NOTE)
+    loader = g.add("XDiTCogVideoModelLoader", (460, 0), (360, 200), model="CogVideoX-2b",
                    vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
-    parallel = g.add("XDiTCogVideoParallelConfig", (560, 230), (380, 150), devices="auto", cfg="auto",
+    parallel = g.add("XDiTCogVideoParallelConfig", (460, 240), (360, 160), devices="auto", cfg="auto",
                      ulysses="auto", ring="auto")
     if model_t5:
-        text = g.add("XDiTCogVideoTextEncodeModelT5", (980, 0), (420, 380), prompt=PROMPT, negative_prompt="")
+        text = g.add("XDiTCogVideoTextEncodeModelT5", (850, 0), (400, 400), prompt=PROMPT, negative_prompt="")
         g.link(loader, "model", text, "model")
         g.link(parallel, "parallel", text, "parallel")
         positive, pos_out, negative, neg_out = text, "positive", text, "negative"
+        decode_pos, video_pos, save_pos = (460, 450), (460, 600), (850, 450)
     else:
-        clip = g.add("CLIPLoader", (560, 430), (380, 110), clip_name="t5xxl_fp16.safetensors", type="sd3",
+        clip = g.add("CLIPLoader", (460, 440), (360, 110), clip_name="t5xxl_fp16.safetensors", type="sd3",
                      device="default")
-        positive = g.add("XDiTCogVideoTextEncode", (980, 0), (420, 220), title="Positive prompt", text=PROMPT)
-        negative = g.add("XDiTCogVideoTextEncode", (980, 260), (420, 130), title="Negative prompt", text="")
+        positive = g.add("XDiTCogVideoTextEncode", (850, 0), (400, 220), title="Positive prompt", text=PROMPT)
+        negative = g.add("XDiTCogVideoTextEncode", (850, 250), (400, 140), title="Negative prompt", text="")
         g.link(clip, "CLIP", positive, "clip")
         g.link(clip, "CLIP", negative, "clip")
         pos_out = neg_out = "conditioning"
-    sampler = g.add("XDiTCogVideoSampler", (1440, 0), (340, 420), width=720, height=480, frames=49, steps=50,
+        decode_pos, video_pos, save_pos = (850, 430), (850, 580), (1280, 500)
+    sampler = g.add("XDiTCogVideoSampler", (1280, 0), (330, 450), width=720, height=480, frames=49, steps=50,
                     guidance=6.0, dynamic_cfg=False, seed=42, scheduler="default")
     g.link(loader, "model", sampler, "model")
     g.link(positive, pos_out, sampler, "positive")
     g.link(negative, neg_out, sampler, "negative")
     g.link(parallel, "parallel", sampler, "parallel")
-    decode = g.add("XDiTCogVideoDecode", (1820, 0), (300, 130), tiled=True)
+    decode = g.add("XDiTCogVideoDecode", decode_pos, (360 if model_t5 else 400, 110), tiled=True)
     g.link(loader, "model", decode, "model")
     g.link(sampler, "samples", decode, "samples")
     g.link(parallel, "parallel", decode, "parallel")
-    video = g.add("CreateVideo", (1820, 180), (300, 80), fps=8.0)
+    video = g.add("CreateVideo", video_pos, (360 if model_t5 else 400, 80), fps=8.0)
     g.link(decode, "images", video, "images")
-    save = g.add("SaveVideo", (2160, 0), (480, 420), filename_prefix="video/CogVideoX", format="auto", codec="auto")
+    save = g.add("SaveVideo", save_pos, (400 if model_t5 else 330, 380), filename_prefix="video/CogVideoX",
+                 format="auto", codec="auto")
     g.link(video, "VIDEO", save, "video")
     return g
 
 
 def i2v() -> Graph:
     g = Graph("cogvideox_i2v")
-    g.add("MarkdownNote", (0, -20), (520, 560), title="Read me: model files", text=I2V_NOTE)
-    loader = g.add("XDiTCogVideoModelLoader", (560, 0), (380, 180), model="CogVideoX-5b-I2V",
+    g.add("MarkdownNote", (0, 0), (430, 640), title="Read me: model files", text=I2V_NOTE)
+    loader = g.add("XDiTCogVideoModelLoader", (460, 0), (360, 200), model="CogVideoX-5b-I2V",
                    vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
-    parallel = g.add("XDiTCogVideoParallelConfig", (560, 230), (380, 150), devices="auto", cfg="auto",
+    parallel = g.add("XDiTCogVideoParallelConfig", (460, 240), (360, 160), devices="auto", cfg="auto",
                      ulysses="auto", ring="auto")
-    image = g.add("LoadImage", (560, 430), (380, 360), title="Start frame", image="example.png")
+    image = g.add("LoadImage", (460, 440), (360, 360), title="Start frame", image="example.png")
     image["widgets_values"].append("image")  # the upload widget's value
-    text = g.add("XDiTCogVideoTextEncodeModelT5", (980, 0), (420, 380), prompt=I2V_PROMPT, negative_prompt="")
+    text = g.add("XDiTCogVideoTextEncodeModelT5", (850, 0), (400, 380), prompt=I2V_PROMPT, negative_prompt="")
     g.link(loader, "model", text, "model")
     g.link(parallel, "parallel", text, "parallel")
-    sampler = g.add("XDiTCogVideoSampler", (1440, 0), (340, 440), width=720, height=480, frames=49, steps=50,
+    sampler = g.add("XDiTCogVideoSampler", (1280, 0), (330, 460), width=720, height=480, frames=49, steps=50,
                     guidance=6.0, dynamic_cfg=True, seed=42, scheduler="default")
     g.link(loader, "model", sampler, "model")
     g.link(text, "positive", sampler, "positive")
     g.link(text, "negative", sampler, "negative")
     g.link(parallel, "parallel", sampler, "parallel")
     g.link(image, "IMAGE", sampler, "image")
-    decode = g.add("XDiTCogVideoDecode", (1820, 0), (300, 130), tiled=True)
+    decode = g.add("XDiTCogVideoDecode", (850, 420), (400, 110), tiled=True)
     g.link(loader, "model", decode, "model")
     g.link(sampler, "samples", decode, "samples")
     g.link(parallel, "parallel", decode, "parallel")
-    video = g.add("CreateVideo", (1820, 180), (300, 80), fps=8.0)
+    video = g.add("CreateVideo", (850, 570), (400, 80), fps=8.0)
     g.link(decode, "images", video, "images")
-    save = g.add("SaveVideo", (2160, 0), (480, 420), filename_prefix="video/CogVideoX-I2V", format="auto",
+    save = g.add("SaveVideo", (1280, 500), (330, 330), filename_prefix="video/CogVideoX-I2V", format="auto",
                  codec="auto")
     g.link(video, "VIDEO", save, "video")
     return g
