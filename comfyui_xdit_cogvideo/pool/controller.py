@@ -350,6 +350,7 @@ class WorkerPool:
             self._state = "starting"
             self._ranks = []
             self._starts += 1
+            self._session = f"{os.getpid()}-{generation}-{secrets.token_hex(4)}"
         if self.devices.kind == "remote":
             host, port = self.devices.address
             key = os.environ.get("XDIT_COGVIDEO_POOL_KEY", "")
@@ -490,7 +491,8 @@ class WorkerPool:
         if entry.proc is None:
             entry.device = hello.get("device", "")
         entry.last_seen = time.monotonic()
-        channel.send({"op": "welcome", "heartbeat": self.heartbeat, "timeout": max(4 * self.heartbeat_timeout, 60.0)})
+        channel.send({"op": "welcome", "heartbeat": self.heartbeat, "timeout": max(4 * self.heartbeat_timeout, 60.0),
+                      "session": self._session})
         return entry
 
     def _monitor(self, generation: int) -> None:
@@ -785,7 +787,8 @@ class WorkerPool:
                     with self._teardown_lock:  # wait until the monitor has reaped every worker
                         pass
                     tail = f"\n{msg['tail']}" if msg.get("tail") else ""
-                    error = error or WorkerError(rank, msg["reason"] + tail, where=msg.get("where", ""))
+                    # a dead worker is the root cause; peers' errors (broken collectives) only follow from it
+                    error = WorkerError(rank, msg["reason"] + tail, where=msg.get("where", ""))
                     break
                 if msg.get("id") != job_id:
                     continue

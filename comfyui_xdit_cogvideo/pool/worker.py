@@ -333,6 +333,22 @@ class Worker:
             self._send(done)
 
 
+def _store(rank: int, world: int, timeout: timedelta, session: str):
+    """The rendezvous store at $MASTER_ADDR:$MASTER_PORT, its keys prefixed by this pool session.
+
+    Under torchrun the store outlives a restart of the workers (it belongs to the agents), so keys written by
+    the previous workers (their addresses) would still be there; the controller hands out a new session on
+    every start, which keeps each generation of workers to its own keys.
+    """
+    import torch.distributed as dist
+
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent_store, timeout=timeout,
+                          multi_tenant=not agent_store)
+    return dist.PrefixStore(f"xdit-cogvideo/{session}", store)
+
+
 def _parse_address(text: str) -> tuple[str, int]:
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit():
@@ -417,8 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=args.pg_timeout), **kwargs)
+        timeout = timedelta(seconds=args.pg_timeout)
+        dist.init_process_group(backend, store=_store(rank, world, timeout, str(welcome.get("session", ""))),
+                                rank=rank, world_size=world, timeout=timeout, **kwargs)
     except Exception as error:
         channel.send({"op": "ready", "ok": False, "type": type(error).__name__, "message": str(error),
                       "traceback": traceback.format_exc()})
