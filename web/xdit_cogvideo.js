@@ -185,9 +185,12 @@ function unmount(el) {
 app.registerExtension({
   name: "xdit.cogvideo.pool",
   async setup() {
+    let lastRefresh = 0;
     api.addEventListener("xdit_cogvideo.progress", ({ detail }) => {
       state.live = detail;
       renderAll();
+      const now = Date.now();
+      if (state.containers.size && now - lastRefresh > 1000) { lastRefresh = now; refresh(); }  // ranks' state/memory
     });
     api.addEventListener("xdit_cogvideo.job", ({ detail }) => {
       state.job = detail;
