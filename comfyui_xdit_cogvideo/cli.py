@@ -77,7 +77,7 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="VAE decode: tiles spread over all ranks, or plain on rank 0 (auto: tiled with >1 rank)")
     out.add_argument("--tile", help="decode tile size in pixels, HxW (default: the VAE's, 240x360)")
     out.add_argument("--quiet", action="store_true", help="no progress lines")
-    out.add_argument("--verbose", action="store_true", help="print worker tracebacks on failure")
+    out.add_argument("--verbose", action="store_true", help="show worker output and tracebacks on failure")
 
     s = sub.add_parser("pool-status", help="start a pool on some devices and show it",
                        description="Start the worker pool, print its status (ranks, pids, devices, memory), stop it.")
@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         from .pool.worker import main as worker_main
 
         return worker_main(argv[1:])
-    args = _build_parser().parse_args(argv)
+    try:
+        args = _build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a usage error (2), already printed
+        return stop.code if isinstance(stop.code, int) else 2
     try:
         if args.command == "generate":
             return _generate(args)
@@ -253,6 +256,7 @@ class _Progress:
 def _generate(args) -> int:
     from .layout import choose_layout
     from .loading import ModelSource, read_model_info
+    from .parallel.kernels import resolve_kernel
     from .pool import ModelSpec, get_pool, parse_devices
     from .request import GenerationRequest
     from .video import write_video
@@ -284,7 +288,11 @@ def _generate(args) -> int:
     world = parse_devices(devices).world_size
     layout = choose_layout(world, heads=info.heads, use_cfg=resolved.use_cfg, cfg=args.cfg, ulysses=args.ulysses,
                            ring=args.ring)
-    pool = get_pool(devices)  # workers start only now, once everything above is known to be valid
+    try:
+        resolve_kernel(args.attention, "cuda" if kind == "cuda" else "cpu")
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    pool = get_pool(devices, echo_output=args.verbose)  # workers start only now, once the inputs are valid
     progress = _Progress(args.quiet)
     if not args.quiet:
         print(f"{info.variant} {resolved.frames}x{resolved.height}x{resolved.width}, {resolved.steps} steps, "

@@ -1,0 +1,149 @@
+"""The command line: the README command writes a real mp4, --latents-out equals diffusers, bad input is one line."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from comfyui_xdit_cogvideo import cli
+from comfyui_xdit_cogvideo.pool import controller
+from comfyui_xdit_cogvideo.video import read_video
+
+pytestmark = pytest.mark.timeout(240)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_path):
+    """diffusers' own CogVideoXPipeline latents and T5 embeddings for the tiny model."""
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(tiny_path("2b"))
+    latents = pipe(prompt="a cat playing piano", num_frames=9, height=32, width=48, num_inference_steps=3,
+                   guidance_scale=6.0, generator=torch.Generator().manual_seed(7), output_type="latent").frames
+    positive, negative = pipe.encode_prompt("a cat playing piano", "", do_classifier_free_guidance=True,
+                                            max_sequence_length=226)
+    return latents, positive, negative
+
+
+def _run(argv, capsys):
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_readme_command_writes_a_real_mp4_in_well_under_a_minute(tiny_path, tmp_path):
+    tiny_path("2b")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "comfyui_xdit_cogvideo", "generate", "--model", "tiny",
+                           "--prompt", "a cat", "--output", "cat.mp4"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert elapsed < 60, f"took {elapsed:.1f} s"
+    frames, meta = read_video(tmp_path / "cat.mp4")
+    assert frames.shape == (9, 32, 48, 3) and meta["size"] == (48, 32) and round(meta["fps"]) == 8
+    assert frames.std() > 1  # real pixels, not an empty stream
+    assert "wrote cat.mp4" in done.stdout and "sampling 50/50" in done.stderr
+
+
+def test_latents_out_equals_diffusers_on_two_ranks(reference, tiny_path, tmp_path, capsys):
+    latents_file, video = tmp_path / "cat.safetensors", tmp_path / "cat.mp4"
+    code, out, err = _run(["generate", "--model", "tiny", "--prompt", "a cat playing piano", "--steps", "3",
+                           "--seed", "7", "--device", "cpu", "--world-size", "2", "--latents-out", str(latents_file),
+                           "--output", str(video), "--fps", "12"], capsys)
+    assert code == 0, err
+    expected = reference[0]
+    latents = load_file(str(latents_file))["latents"]
+    assert latents.shape == expected.shape == (1, 3, 4, 4, 6)
+    assert (latents - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    frames, meta = read_video(video)
+    assert frames.shape == (9, 32, 48, 3) and round(meta["fps"]) == 12
+    assert '"decode": "tiled"' in out and "cfg2 x ulysses1 x ring1" in out
+    assert controller._POOL is None  # the CLI stops its pool on the way out
+
+
+def test_embeds_in_gives_the_same_latents(reference, tmp_path, capsys):
+    _, positive, negative = reference
+    embeds = tmp_path / "embeds.safetensors"
+    save_file({"prompt_embeds": positive.contiguous(), "negative_prompt_embeds": negative.contiguous()}, str(embeds))
+    out_file = tmp_path / "latents.safetensors"
+    code, _, err = _run(["generate", "--model", "tiny", "--embeds", str(embeds), "--steps", "3", "--seed", "7",
+                         "--latents-out", str(out_file), "--quiet"], capsys)
+    assert code == 0, err
+    expected = reference[0]
+    latents = load_file(str(out_file))["latents"]
+    assert (latents - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+
+
+O = ["--output", "cat.mp4"]
+BAD = [
+    (O + ["--frames", "10"], "frames must be 4k+1"),
+    (O + ["--height", "40"], "height must be a positive multiple of 16"),
+    (O + ["--world-size", "2", "--ulysses", "3"], "no valid layout for 2 ranks"),
+    (O + ["--world-size", "4", "--ulysses", "4", "--ring", "1", "--cfg", "1"],
+     "ulysses degree 4 does not divide the model's 6 attention heads"),
+    (O + ["--world-size", "2", "--cfg", "2", "--guidance", "1"], "cfg degree 2 needs classifier-free guidance"),
+    (["--output", "cat.avi"], "--output must end with .mp4"),
+    (["--latents-out", "x.pt"], "--latents-out must end with .safetensors"),
+    ([], "nothing to write"),
+    (O + ["--steps", "0"], "steps must be between 1 and 1000"),
+    (O + ["--attention", "fa9"], "unknown attention backend 'fa9'"),
+    (O + ["--attention", "flash", "--device", "cpu"], "not available on cpu"),
+    (O + ["--gpus", "0,1", "--device", "cpu"], "--gpus needs --device cuda"),
+    (O + ["--tile", "10x10"], "--tile sizes must be multiples of 8"),
+    (["--output", "/nonexistent/dir/cat.mp4"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
+def test_bad_input_is_one_clear_line_and_starts_nothing(extra, message, tiny_path, tmp_path, capsys, monkeypatch):
+    tiny_path("2b")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = _run(["generate", "--model", "tiny", "--prompt", "a cat", *extra], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert controller._POOL is None
+
+
+def test_missing_things_are_named(tmp_path, capsys):
+    for argv, message in (
+        (["--model", "/nonexistent/model", "--prompt", "x"], "does not exist"),
+        (["--model", "tiny", "--embeds", str(tmp_path / "none.safetensors")], "does not exist"),
+        (["--model", "tiny-5b-i2v", "--prompt", "x", "--image", str(tmp_path / "none.png")], "does not exist"),
+        (["--model", "tiny", "--prompt", "x", "--device", "cuda"] if not torch.cuda.is_available() else
+         ["--model", "tiny", "--prompt", "x", "--gpus", "99"], "CUDA" if not torch.cuda.is_available() else "99"),
+    ):
+        code, _, err = _run(["generate", *argv, "--output", str(tmp_path / "x.mp4")], capsys)
+        assert code == 1 and len(err.strip().splitlines()) == 1 and message in err, (argv, err)
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"something": torch.zeros(1)}, str(wrong))
+    code, _, err = _run(["generate", "--model", "tiny", "--embeds", str(wrong), "--output", "x.mp4"], capsys)
+    assert code == 1 and "has no 'prompt_embeds'" in err
+    code, _, err = _run(["generate", "--prompt", "x"], capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "--model" in err
+
+
+def test_a_worker_failure_is_one_line_too(tiny_path, tmp_path, capsys):
+    """Weights that break only when loaded (the config reads fine): the error comes from the worker."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_path("2b"), broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    code, _, err = _run(["generate", "--model", str(broken), "--prompt", "a cat", "--steps", "2", "--quiet",
+                         "--latents-out", str(tmp_path / "x.safetensors")], capsys)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: worker rank 0 failed: "), err
+    assert controller._POOL is None
