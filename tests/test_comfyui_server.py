@@ -222,6 +222,20 @@ def test_t2v_api_workflow_writes_the_mp4(server):
     server.worker_pids = [r["pid"] for r in status["ranks"]]
 
 
+def test_own_save_node_instead_of_core_video_nodes(server):
+    prompt = api_workflow("cogvideox_t2v")
+    create = next(k for k, n in prompt.items() if n["class_type"] == "CreateVideo")
+    save = next(k for k, n in prompt.items() if n["class_type"] == "SaveVideo")
+    images = prompt.pop(create)["inputs"]["images"]
+    prompt[save] = {"class_type": "XDiTCogVideoSaveVideo",
+                    "inputs": {"images": images, "fps": 8.0, "filename_prefix": "video/own", "crf": 19}}
+    entry = _run(server, prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (saved,) = entry["outputs"][save]["images"]
+    assert saved["subfolder"] == "video" and entry["outputs"][save]["animated"] == [True]
+    assert _mp4_info(server.base / "output" / "video" / saved["filename"]) == ((48, 32), 9)
+
+
 def test_i2v_api_workflow_writes_the_mp4(server):
     entry = _run(server, api_workflow("cogvideox_i2v", model="tiny-5b-i2v", steps=2, prefix="video/i2v"))
     assert entry["status"]["status_str"] == "success", entry["status"]
