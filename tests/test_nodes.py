@@ -358,6 +358,20 @@ def test_cancel_interrupts_like_comfyui_and_pool_stays_healthy(comfy, spec, embe
     assert latent["samples"].shape == (1, 4, 3, 4, 6)
 
 
+def test_cancel_during_decode(comfy, spec, embeds, parallel):
+    (latent,) = sample(comfy, spec, embeds, parallel, uid="14", steps=2).args
+    mm = comfy.mm
+    mm.interrupt_current_processing(True)  # Cancel pressed while the decode runs
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            run_node(comfy.by_id["XDiTCogVideoDecode"], "15", model=spec, samples=latent, tiled=True, parallel=parallel)
+    finally:
+        mm.interrupt_current_processing(False)
+    (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "16", model=spec, samples=latent, tiled=True,
+                         parallel=parallel).args
+    assert images.shape == (9, 32, 48, 3)
+
+
 def test_sampler_rejects_bad_inputs_before_running(comfy, spec, embeds, parallel):
     sampler = comfy.by_id["XDiTCogVideoSampler"]
     assert "4k+1" in sampler.validate_inputs(frames=8)
