@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -147,3 +148,13 @@ def test_a_worker_failure_is_one_line_too(tiny_path, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: worker rank 0 failed: "), err
     assert controller._POOL is None
+
+
+def test_pool_status_command(tiny_path, capsys):
+    tiny_path("2b")
+    code, out, err = _run(["pool-status", "--devices", "cpu:1", "--json"], capsys)
+    assert code == 0, err
+    status = json.loads(out)
+    assert status["world_size"] == 1 and status["state"] == "idle" and status["ranks"][0]["memory"]["rss"] > 0
+    code, out, err = _run(["pool-status", "--devices", "cpu:0"], capsys)
+    assert code == 1 and "cpu:N" in err

@@ -122,6 +122,24 @@ def test_generate_equals_in_process_engine_and_keeps_the_model_resident(pool, en
     assert status["layout"] == [1, 1, 2]
 
 
+def test_attention_change_rebinds_and_a_model_change_reloads(pool, engine, tiny_path):
+    pool.generate(SPEC, _request(steps=1))
+    loads = pool.status()["loads"]
+    math = pool.generate(ModelSpec("tiny", "fp32", attention="math"), _request(steps=2))
+    assert pool.status()["loads"] == loads and pool.status()["model"]["attention"] == "math"
+    assert _close(math, engine.generate(_request(steps=2)))
+    # another model (image-to-video, with a start image): reloaded once, equal to the in-process engine
+    tiny_path("5b-i2v")
+    image = torch.rand(32, 48, 3, generator=torch.Generator().manual_seed(1))
+    request = _request(image=image, steps=2)
+    i2v = pool.generate(ModelSpec("tiny-5b-i2v", "fp32"), request)
+    assert pool.status()["loads"] == loads + 1 and pool.status()["model"]["path"] == "tiny-5b-i2v"
+    reference = CogVideoEngine("tiny-5b-i2v", dtype="fp32").generate(request)
+    assert _close(i2v, reference)
+    pool.generate(SPEC, _request(steps=1))
+    assert pool.status()["loads"] == loads + 2
+
+
 def test_status_is_a_json_snapshot(pool):
     pool.start()
     status = json.loads(json.dumps(pool.status()))

@@ -441,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                       "traceback": traceback.format_exc()})
         time.sleep(0.5)
         return 1
+    worker.state = "idle"
+    channel.send(worker.snapshot())  # before "ready", so the pool's first status already has it
     channel.send({"op": "ready", "ok": True})
     code = worker.run()
     worker.state = "exiting"
