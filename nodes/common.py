@@ -117,20 +117,6 @@ def send_event(event: str, data: dict) -> None:
         log.debug("could not send %s", event, exc_info=True)
 
 
-def interrupted_exception() -> BaseException:
-    import comfy.model_management as mm
-
-    return mm.InterruptProcessingException()
-
-
-def raise_interrupted():
-    """Raise ComfyUI's interruption (resetting its flag as core does), so the UI shows 'interrupted'."""
-    import comfy.model_management as mm
-
-    mm.throw_exception_if_processing_interrupted()  # resets the flag if set
-    raise mm.InterruptProcessingException()
-
-
 def latent_preview_image(preview) -> Any:
     """A PIL image from a pool preview tensor: an RGB frame ([h, w, 3] or [3, h, w] in 0..1) or a latent
     ([C, h, w], [F, C, h, w] or [B, F, C, h, w]; the middle frame, first three channels stretched to 0..255)."""
