@@ -2,11 +2,17 @@
 
 Ring attention merges partial results with their log-sum-exp, so every kernel used on a ring must return it;
 the plain path (no ring) asks for ``lse=False`` and may use any kernel.
+
+``auto`` on CUDA picks flash-attn-4 (CuTe DSL, ``pip install flash-attn-4``) when it imports and passes a
+one-off self-test on this GPU, else cuDNN SDPA. Measured on one H200 at CogVideoX shapes (BENCHMARKS.md):
+FA4 is the fastest, then cuDNN, then flash SDPA. Kernels that only take fp16/bf16 fall back to PyTorch's
+SDPA for other dtypes, so every name works with every dtype.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Callable
 
 import torch
@@ -25,7 +31,7 @@ def _sdpa(backend: SDPBackend | None) -> Kernel:
         if lse:
             return _with_lse(q, k, v)
         qt, kt, vt = _bhsd(q, k, v)
-        if backend is None:
+        if backend is None or q.dtype not in _HALF:
             out = F.scaled_dot_product_attention(qt, kt, vt)
         else:
             with sdpa_kernel(backend):
@@ -35,12 +41,18 @@ def _sdpa(backend: SDPBackend | None) -> Kernel:
     return run
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _with_lse(q, k, v):
-    """Exact attention that also returns the log-sum-exp, through torch's own kernels."""
+    """Exact attention that also returns the log-sum-exp [B, H, Sq] (float32), through torch's own kernels."""
     qt, kt, vt = _bhsd(q, k, v)
     if q.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qt, kt, vt, 0.0, False)[:2]
-    elif torch.backends.cudnn.is_available() and q.dtype in (torch.float16, torch.bfloat16):
+    elif q.dtype not in _HALF:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        lse = lse[..., :q.shape[1]]  # padded to a multiple of 32 queries
+    elif torch.backends.cudnn.is_available():
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
             qt, kt, vt, None, True, 0.0, False, False
         )[:2]
@@ -54,25 +66,39 @@ def _cpu_exact(q, k, v, lse):
     return _with_lse(q, k, v) if lse else _sdpa(None)(q, k, v, False)
 
 
+def _fa4_cache_defaults() -> None:
+    """FA4 JIT-compiles its kernels on first use; keep them on disk so a restarted pool skips that."""
+    from ..tiny import tiny_cache_dir
+
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", "1")
+    os.environ.setdefault("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", str(tiny_cache_dir() / "fa4"))
+
+
 def _fa4(q, k, v, lse):
+    if q.dtype not in _HALF:
+        return _sdpa(None)(q, k, v, lse)
     from flash_attn.cute import flash_attn_func
 
-    out = flash_attn_func(q, k, v, return_lse=True) if lse else flash_attn_func(q, k, v)
+    out = flash_attn_func(q, k, v, return_lse=lse)  # always (out, lse); lse (B, H, Sq) float32 or None
     if isinstance(out, tuple):
         return out[0], (out[1] if lse else None)
     return out, None
 
 
 def _fa3(q, k, v, lse):
+    if q.dtype not in _HALF:
+        return _sdpa(None)(q, k, v, lse)
     from flash_attn_interface import flash_attn_func
 
-    out = flash_attn_func(q, k, v)
+    out = flash_attn_func(q, k, v, return_attn_probs=True) if lse else flash_attn_func(q, k, v)
     if isinstance(out, tuple):
         return out[0], (out[1] if lse else None)
     return out, None
 
 
 def _fa2(q, k, v, lse):
+    if q.dtype not in _HALF:
+        return _sdpa(None)(q, k, v, lse)
     from flash_attn import flash_attn_func
 
     if lse:
@@ -107,16 +133,47 @@ def available_kernels(device: torch.device | str) -> list[str]:
         return ["math", "sdpa"]
     names = [n for n in ("fa4", "fa3") if _installed(_MODULE_OF[n])]
     names += ["cudnn", "flash", "sdpa"]
-    if _installed("flash_attn"):
+    if _installed("flash_attn.flash_attn_interface"):  # FA2 proper (FA4 alone leaves a bare namespace package)
         names.append("fa2")
     return names
+
+
+_WORKS: dict[tuple[str, str], bool] = {}
+
+
+def kernel_works(name: str, device: torch.device | str) -> bool:
+    """One small call (with and without log-sum-exp) against SDPA on ``device``; the answer is cached.
+
+    Guards ``auto`` against a kernel that imports but cannot run here (an unsupported GPU generation, a
+    driver too old for its JIT, a missing runtime library).
+    """
+    device = torch.device(device)
+    key = (name, str(device))
+    if key not in _WORKS:
+        try:
+            if name == "fa4":
+                _fa4_cache_defaults()
+            g = torch.Generator(device).manual_seed(0)
+            q, k, v = (torch.randn(1, n, 2, 64, device=device, dtype=torch.bfloat16, generator=g) for n in (80, 96, 96))
+            want = F.scaled_dot_product_attention(*_bhsd(q, k, v)).transpose(1, 2).float()
+            out, _ = KERNELS[name](q, k, v, False)
+            out_lse, lse = KERNELS[name](q, k, v, True)
+            ok = lse is not None and tuple(lse.shape) == (1, 2, 80)
+            ok = ok and all(float((o.float() - want).abs().max()) < 2e-2 for o in (out, out_lse))
+            _WORKS[key] = bool(ok)
+        except Exception:  # noqa: BLE001 - any failure means "do not pick it automatically"
+            _WORKS[key] = False
+    return _WORKS[key]
 
 
 def resolve_kernel(name: str, device: torch.device | str) -> str:
     """Map ``auto`` to the fastest kernel here; reject kernels that cannot run on this device."""
     names = available_kernels(device)
     if name == "auto":
-        return names[0]
+        for candidate in names:
+            if candidate not in ("fa4", "fa3") or kernel_works(candidate, device):
+                return candidate
+        return names[-1]
     if name not in KERNELS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(KERNELS)}")
     if name not in names:
@@ -124,4 +181,6 @@ def resolve_kernel(name: str, device: torch.device | str) -> str:
             f"attention backend {name!r} is not available on {torch.device(device).type} here; "
             f"available: {', '.join(names)}"
         )
+    if name == "fa4":
+        _fa4_cache_defaults()
     return name
