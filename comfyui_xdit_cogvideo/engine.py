@@ -35,17 +35,71 @@ class CogVideoEngine:
         device: str | torch.device = "cpu",
         groups: ParallelGroups | None = None,
         attention: str = "auto",
+        optimize="auto",
     ):
         self.source = ModelSource(source) if isinstance(source, str) else source
         self.resolved = self.source.resolve()
         self.dtype, self.device = parse_dtype(dtype), torch.device(device)
         self.groups = groups or ParallelGroups.single()
         self.transformer, self.info = load_transformer(self.resolved, self.dtype, self.device)
+        self._vae = None
+        self._text = None
+        self._setup(attention, optimize)
+
+    @classmethod
+    def from_components(
+        cls,
+        transformer,
+        *,
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        groups: ParallelGroups | None = None,
+        attention: str = "auto",
+        optimize="auto",
+    ) -> "CogVideoEngine":
+        """An engine over models already in memory (benchmarks, random full-size weights); no files read.
+
+        ``transformer`` is a diffusers CogVideoXTransformer3DModel on its device and dtype; it is parallelized
+        in place. Without ``vae``/``text_encoder`` the engine samples from prompt embeddings only.
+        """
+        from pathlib import Path
+
+        from .loading import ResolvedSource
+        from .variants import ModelInfo
+
+        self = cls.__new__(cls)
+        param = next(transformer.parameters())
+        self.source = ModelSource("<memory>")
+        self.resolved = ResolvedSource(Path("<memory>"), None, None, None, None)
+        self.dtype, self.device = param.dtype, param.device
+        self.groups = groups or ParallelGroups.single()
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.info = ModelInfo.from_config(transformer.config)
+        self._vae = vae
+        self._text = (tokenizer, text_encoder) if text_encoder is not None else None
+        self._setup(attention, optimize)
+        return self
+
+    def _setup(self, attention: str, optimize) -> None:
         check_layout(self.groups.layout, heads=self.info.heads, use_cfg=True)
         self.attention = resolve_kernel(attention, self.device)
         parallelize_transformer(self.transformer, self.groups, self.attention)
-        self._vae = None
-        self._text = None
+        self.optimizer = None
+        self.optimize(optimize)
+
+    def optimize(self, options="auto"):
+        """Turn on single-GPU speed-ups (``comfyui_xdit_cogvideo.optimize``): ``"auto"`` = fused QKV +
+        torch.compile on CUDA, nothing on CPU; ``None`` = none. Returns the Optimizer (or None)."""
+        from .optimize import OptimizeOptions, optimize_transformer, remove_optimizations
+
+        parsed = OptimizeOptions.parse(options, self.device)
+        if parsed is None:
+            remove_optimizations(self.transformer)
+            self.optimizer = None
+        else:
+            self.optimizer = optimize_transformer(self.transformer, parsed)
+        return self.optimizer
 
     @property
     def vae(self):
@@ -55,7 +109,7 @@ class CogVideoEngine:
 
     @property
     def has_vae(self) -> bool:
-        return self.resolved.vae is not None
+        return self._vae is not None or self.resolved.vae is not None
 
     def _pipeline(self, scheduler: str | None, text: bool = False):
         from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
@@ -109,6 +163,8 @@ class CogVideoEngine:
         check_layout(self.groups.layout, heads=self.info.heads, use_cfg=r.use_cfg)
         positive, negative = self._embeddings(r)
         pipe = self._pipeline(r.scheduler)
+        if self.optimizer is not None:
+            self.optimizer.new_job()
         cancelled = False
 
         def step_end(pipe_, i, t, kwargs):

@@ -1,0 +1,389 @@
+"""Single-GPU speed-ups for the parallel CogVideoX transformer: fused QKV, torch.compile, and two opt-in,
+inexact extras (a first-block step cache and fp8 linear layers).
+
+How it plugs in: ``parallelize_transformer`` installs our attention processor; ``optimize_transformer`` then
+replaces each block's ``forward`` with one that runs
+
+    pre  (norm1, fused QKV projection, q/k LayerNorm, RoPE)      -> compiled graph (one for all blocks)
+    attention (processor's ParallelContext: kernel + collectives) -> eager, never traced
+    post (out projection, gates, norm2, feed-forward, gates)      -> compiled graph (one for all blocks)
+
+The arithmetic is exactly diffusers' CogVideoXBlock + our processor (the same modules are called in the same
+order); only elementwise work is fused by Inductor. The attention, with every collective of the sequence-
+parallel layouts, stays outside the graphs, so compiling is safe on any layout and the block forward looks up
+the *current* processor on every call (a pool that re-parallelizes for another layout needs no recompile of
+anything but new shapes). Graphs are compiled with ``dynamic=False`` per shape (one per layout and size) and
+cached on disk (Inductor's FX-graph and kernel caches under ``cache_dir``), so a restarted pool pays the
+compile once per machine, not once per process.
+
+Nothing here syncs the host inside a step, except the opt-in step cache, which reads one scalar per step to
+decide whether to skip (documented in BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import types
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+
+__all__ = ["OptimizeOptions", "Optimizer", "optimize_transformer", "Fp8Linear", "StepCache"]
+
+
+@dataclass(frozen=True)
+class OptimizeOptions:
+    """What to turn on. ``OptimizeOptions.parse`` reads ``"auto"``, ``"none"``, a dict, or ``"fuse,compile,..."``.
+
+    - ``fuse_qkv``: one [3D x D] projection instead of three (diffusers' ``Attention.fuse_projections``); exact.
+    - ``compile``: torch.compile the blocks' elementwise work (pre/post attention graphs); exact up to bf16
+      rounding of fused elementwise ops.
+    - ``step_cache``: first-block cache threshold (0 = off). When the first block's output residual changed by
+      less than this (relative L1) since the last fully computed step, the other blocks are skipped and their
+      cached residual is reused. Inexact; at most ``step_cache_max_skips`` skips in a row, and the first
+      ``step_cache_warmup`` steps always compute.
+    - ``fp8``: attention and feed-forward linears in float8 e4m3 (per-row activation and per-channel weight
+      scales, ``torch._scaled_mm``). Inexact; needs an fp8 GPU (Hopper, Ada, Blackwell).
+    """
+
+    fuse_qkv: bool = True
+    compile: bool = True
+    compile_mode: str | None = None
+    cache_dir: str | None = None
+    step_cache: float = 0.0
+    step_cache_max_skips: int = 2
+    step_cache_warmup: int = 2
+    fp8: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.fuse_qkv or self.compile or self.step_cache > 0 or self.fp8
+
+    @classmethod
+    def parse(cls, value, device: torch.device | str = "cuda") -> "OptimizeOptions | None":
+        """``None``/``"none"``/``False``: nothing. ``"auto"``/``True``: fuse + compile on CUDA, nothing on CPU.
+
+        Strings list flags, e.g. ``"fuse,compile"``, ``"fuse,nocompile"``, ``"auto,fp8"``, ``"auto,cache=0.08"``.
+        """
+        if isinstance(value, OptimizeOptions):
+            return value if value.active else None
+        if value is None or value is False or value == "none" or value == "":
+            return None
+        if isinstance(value, dict):
+            return cls(**value)
+        cuda = torch.device(device).type == "cuda"
+        if value is True or value == "auto":
+            return cls() if cuda else None
+        if not isinstance(value, str):
+            raise ValueError(f"optimize must be 'auto', 'none', a dict or OptimizeOptions, got {value!r}")
+        options = cls(fuse_qkv=False, compile=False)
+        names = {f.name for f in fields(cls)}
+        for part in (p.strip() for p in value.split(",") if p.strip()):
+            key, _, arg = part.partition("=")
+            key = {"fuse": "fuse_qkv", "cache": "step_cache", "mode": "compile_mode"}.get(key, key)
+            if key == "auto":
+                options = replace(options, fuse_qkv=cuda, compile=cuda)
+            elif key.startswith("no") and key[2:] in {"fuse", "compile", "fp8"}:
+                options = replace(options, **{{"fuse": "fuse_qkv"}.get(key[2:], key[2:]): False})
+            elif key in names:
+                field_type = {f.name: f.type for f in fields(cls)}[key]
+                if not arg:
+                    parsed = True if "bool" in str(field_type) else 0.1 if key == "step_cache" else None
+                elif "bool" in str(field_type):
+                    parsed = arg.lower() in ("1", "true", "yes", "on")
+                elif "float" in str(field_type):
+                    parsed = float(arg)
+                elif "int" in str(field_type):
+                    parsed = int(arg)
+                else:
+                    parsed = arg
+                options = replace(options, **{key: parsed})
+            else:
+                raise ValueError(f"unknown optimize flag {part!r}; flags: auto, none, fuse, compile, fp8, "
+                                 "cache=THRESHOLD, mode=MODE, nofuse, nocompile")
+        return options if options.active else None
+
+
+def default_cache_dir() -> str:
+    from .tiny import tiny_cache_dir
+
+    return str(tiny_cache_dir() / "inductor")
+
+
+def _setup_compile_cache(cache_dir: str | None) -> None:
+    """Inductor's on-disk caches (FX graphs, AOT autograd, Triton kernels) in one persistent folder."""
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:  # torch writes its default (a temp folder) into the environment the first time it needs one
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir as torch_default
+        torch_default_dir = torch_default()
+    except Exception:  # noqa: BLE001
+        torch_default_dir = None
+    if cache_dir or current is None or current == torch_default_dir:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir or default_cache_dir()
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._dynamo
+
+    # 30 to 42 blocks share one graph; layouts and sizes add a few more shapes. Never fall back to eager.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = max(512, torch._dynamo.config.accumulated_recompile_limit)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The block, split around attention. Same modules, same order as CogVideoXBlock.forward + our processor.
+
+def _block_pre(block, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin):
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    attn = block.attn1
+    text_len = encoder_hidden_states.size(1)
+    norm_h, norm_e, gate_msa, enc_gate_msa = block.norm1(hidden_states, encoder_hidden_states, temb)
+    x = torch.cat([norm_e, norm_h], dim=1)
+    batch, seq, _ = x.shape
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    head_dim = k.shape[-1] // attn.heads
+    q, k, v = (t.reshape(batch, seq, attn.heads, head_dim) for t in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if rotary_cos is not None:
+        rope = (rotary_cos, rotary_sin)
+        q = torch.cat([q[:, :text_len], apply_rotary_emb(q[:, text_len:], rope, sequence_dim=1)], 1)
+        k = torch.cat([k[:, :text_len], apply_rotary_emb(k[:, text_len:], rope, sequence_dim=1)], 1)
+    return q, k, v, gate_msa, enc_gate_msa
+
+
+def _block_post(block, out, hidden_states, encoder_hidden_states, temb, gate_msa, enc_gate_msa):
+    attn = block.attn1
+    text_len = encoder_hidden_states.size(1)
+    batch, seq = out.shape[:2]
+    out = attn.to_out[1](attn.to_out[0](out.reshape(batch, seq, -1)))
+    attn_e, attn_h = out.split([text_len, seq - text_len], dim=1)
+    hidden_states = hidden_states + gate_msa * attn_h
+    encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_e
+    norm_h, norm_e, gate_ff, enc_gate_ff = block.norm2(hidden_states, encoder_hidden_states, temb)
+    ff = block.ff(torch.cat([norm_e, norm_h], dim=1))
+    hidden_states = hidden_states + gate_ff * ff[:, text_len:]
+    encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff[:, :text_len]
+    return hidden_states, encoder_hidden_states
+
+
+_COMPILED: dict = {}
+
+
+def _compiled(mode: str | None):
+    """One pair of compiled functions per mode for the whole process: every transformer, block, engine and
+    layout shares them (Dynamo keeps one graph per input shape/stride under its guards)."""
+    if mode not in _COMPILED:
+        kwargs = dict(dynamic=False, fullgraph=True)
+        if mode:
+            kwargs["mode"] = mode
+        _COMPILED[mode] = (torch.compile(_block_pre, **kwargs), torch.compile(_block_post, **kwargs))
+    return _COMPILED[mode]
+
+
+class StepCache:
+    """First-block cache: skip blocks 1..N-1 when block 0's output residual barely moved.
+
+    One decision per transformer call (= one denoising step, CFG rows together); on sequence/CFG-parallel
+    layouts the two sums behind the decision are all-reduced over the layout's ranks first, so every rank
+    decides the same. Reading the decision is the one host sync per step this feature costs.
+    """
+
+    def __init__(self, threshold: float, max_skips: int = 2, warmup: int = 2):
+        self.threshold, self.max_skips, self.warmup = threshold, max_skips, warmup
+        self.reset()
+
+    def reset(self) -> None:
+        self.step = 0
+        self.skipping = False
+        self.run_of_skips = 0
+        self.prev_first = None
+        self.block1_in = None
+        self.residual = None
+        self.skipped_steps = 0
+        self.computed_steps = 0
+        self.last_distance = None
+
+    def decide(self, first_residual: torch.Tensor, context) -> bool:
+        """After block 0 of a step: skip the rest? (updates the reference when computing)."""
+        skip = False
+        if self.prev_first is not None and self.residual is not None and self.step >= self.warmup \
+                and self.run_of_skips < self.max_skips and self.prev_first.shape == first_residual.shape:
+            sums = torch.stack([(first_residual - self.prev_first).abs().float().sum(),
+                                self.prev_first.abs().float().sum()])
+            groups = getattr(context, "groups", None)
+            if groups is not None and groups.layout.world_size > 1:
+                import torch.distributed as dist
+
+                dist.all_reduce(sums, group=groups.world)
+            distance = float(sums[0] / sums[1].clamp_min(1e-12))  # the one host sync of this feature
+            self.last_distance = distance
+            skip = distance < self.threshold
+        self.step += 1
+        self.skipping = skip
+        if skip:
+            self.run_of_skips += 1
+            self.skipped_steps += 1
+        else:
+            self.run_of_skips = 0
+            self.computed_steps += 1
+            self.prev_first = first_residual
+        return skip
+
+
+class Optimizer:
+    """The state ``optimize_transformer`` attaches to a transformer (``transformer._xdit_optimizer``)."""
+
+    def __init__(self, transformer, options: OptimizeOptions):
+        self.options = options
+        self.transformer = transformer
+        self.blocks = list(transformer.transformer_blocks)
+        self.cache = StepCache(options.step_cache, options.step_cache_max_skips, options.step_cache_warmup) \
+            if options.step_cache > 0 and len(self.blocks) > 1 else None
+        self.compiled = options.compile
+        if options.compile:
+            _setup_compile_cache(options.cache_dir)
+            self._pre_c, self._post_c = _compiled(options.compile_mode)
+
+    def pre(self, *args):
+        return self._call(self._pre_c, _block_pre, args) if self.compiled else _block_pre(*args)
+
+    def post(self, *args):
+        return self._call(self._post_c, _block_post, args) if self.compiled else _block_post(*args)
+
+    def _call(self, compiled, eager, args):
+        try:
+            return compiled(*args)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a compiler failure must not fail the job: run eager
+            import warnings
+
+            warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); continuing without it")
+            self.compiled = False
+            return eager(*args)
+
+    def new_job(self) -> None:
+        """Forget step-cache state between generations (the engine calls this before each job)."""
+        if self.cache is not None:
+            self.cache.reset()
+
+    def stats(self) -> dict:
+        if self.cache is None:
+            return {}
+        return {"skipped_steps": self.cache.skipped_steps, "computed_steps": self.cache.computed_steps}
+
+
+def _fast_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
+                        attention_kwargs=None):
+    opt: Optimizer = self._xdit_optimizer
+    context = getattr(self.attn1.processor, "context", None)
+    if context is None:  # not parallelized (stock processor): plain diffusers
+        return self._xdit_plain_forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb,
+                                        attention_kwargs)
+    cache, index, last = opt.cache, self._xdit_index, len(opt.blocks) - 1
+    if cache is not None and index > 0 and cache.skipping:
+        if index < last:
+            return hidden_states, encoder_hidden_states
+        res_h, res_e = cache.residual
+        return hidden_states + res_h, encoder_hidden_states + res_e
+    if index == 0:  # the first block gets slices of the embedded [text; video] tokens: one graph for all
+        hidden_states, encoder_hidden_states = hidden_states.contiguous(), encoder_hidden_states.contiguous()
+    if cache is not None and index == 1:
+        cache.block1_in = (hidden_states, encoder_hidden_states)
+    cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
+    text_len = encoder_hidden_states.size(1)
+    q, k, v, gate_msa, enc_gate_msa = opt.pre(self, hidden_states, encoder_hidden_states, temb, cos, sin)
+    out = context.attention(q, k, v, text_len)
+    h, e = opt.post(self, out, hidden_states, encoder_hidden_states, temb, gate_msa, enc_gate_msa)
+    if cache is not None:
+        if index == 0:
+            cache.decide(h - hidden_states, context)
+        elif index == last:
+            h1, e1 = cache.block1_in
+            cache.residual = (h - h1, e - e1)
+            cache.block1_in = None
+    return h, e
+
+
+class Fp8Linear(nn.Module):
+    """y = x W^T + b with x and W in float8 e4m3: W per output channel, x per row (dynamic), bf16 out."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        w = linear.weight.detach().float()
+        scale = (w.abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12)
+        self.register_buffer("weight_fp8", (w / scale).to(torch.float8_e4m3fn))          # [N, K]
+        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())          # [1, N] fp32
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        scale = (x2.abs().amax(dim=1, keepdim=True).float() / 448.0).clamp_min(1e-12)   # [M, 1]
+        xq = (x2.float() / scale).to(torch.float8_e4m3fn)
+        if x.is_cuda:
+            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=scale, scale_b=self.weight_scale,
+                                 out_dtype=x.dtype)
+        else:  # reference arithmetic for CPU tests
+            y = ((xq.float() * scale) @ (self.weight_fp8.float() * self.weight_scale.t()).t()).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def _fp8_linears(block) -> None:
+    attn = block.attn1
+    names = ["to_qkv"] if getattr(attn, "fused_projections", False) else ["to_q", "to_k", "to_v"]
+    for name in names:
+        setattr(attn, name, Fp8Linear(getattr(attn, name)))
+    attn.to_out[0] = Fp8Linear(attn.to_out[0])
+    ff = block.ff.net
+    ff[0].proj = Fp8Linear(ff[0].proj)
+    ff[2] = Fp8Linear(ff[2])
+
+
+@torch.no_grad()
+def optimize_transformer(transformer, options: OptimizeOptions) -> Optimizer:
+    """Apply ``options`` to a (parallelized) CogVideoX transformer in place; idempotent per option set.
+
+    Fusing QKV keeps the separate q/k/v weights (diffusers' stock processor still works on the module).
+    fp8 replaces the linears for good (their bf16 weights are freed).
+    """
+    previous = getattr(transformer, "_xdit_optimizer", None)
+    if previous is not None and previous.options == options:
+        return previous
+    for block in transformer.transformer_blocks:
+        attn = block.attn1
+        if options.fuse_qkv and not getattr(attn, "fused_projections", False) and not isinstance(
+                getattr(attn, "to_q", None), Fp8Linear):
+            attn.fuse_projections()
+        if options.fp8 and not isinstance(block.ff.net[2], Fp8Linear):
+            _fp8_linears(block)
+    opt = Optimizer(transformer, options)
+    for index, block in enumerate(transformer.transformer_blocks):
+        if not hasattr(block, "_xdit_plain_forward"):
+            block._xdit_plain_forward = block.forward
+        block._xdit_optimizer, block._xdit_index = opt, index
+        block.forward = types.MethodType(_fast_block_forward, block)
+    transformer._xdit_optimizer = opt
+    return opt
+
+
+def remove_optimizations(transformer) -> None:
+    """Back to plain block forwards (fused projections and fp8 layers stay)."""
+    for block in transformer.transformer_blocks:
+        if hasattr(block, "_xdit_plain_forward"):
+            block.forward = block._xdit_plain_forward
+            del block._xdit_plain_forward
+    transformer.__dict__.pop("_xdit_optimizer", None)
