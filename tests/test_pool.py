@@ -166,7 +166,8 @@ def test_status_reports_the_running_job(pool):
 
 
 def test_cancel_stops_within_a_step_and_the_next_job_runs(pool, engine):
-    pids = [r["pid"] for r in pool.status()["ranks"]]
+    pool.generate(SPEC, _request(steps=1))
+    pids, loads = [r["pid"] for r in pool.status()["ranks"]], pool.status()["loads"]
     events = []
     started = time.monotonic()
     with pytest.raises(GenerationCancelled):
@@ -176,7 +177,7 @@ def test_cancel_stops_within_a_step_and_the_next_job_runs(pool, engine):
     assert 2 <= len(events) <= 4, [e.step for e in events]  # stopped at the next step boundary or so
     after = pool.generate(SPEC, _request())
     assert _close(after, engine.generate(_request()))
-    assert [r["pid"] for r in pool.status()["ranks"]] == pids and pool.status()["loads"] == 1
+    assert [r["pid"] for r in pool.status()["ranks"]] == pids and pool.status()["loads"] == loads
 
 
 def test_an_exception_in_the_progress_hook_cancels_and_propagates(pool):
@@ -208,6 +209,8 @@ def test_encode_prompt_equals_engine(pool, engine):
 
 def test_parallel_tiled_decode_equals_single_process(pool, engine):
     latents = engine.generate(_request(steps=2))
+    pool.generate(SPEC, _request(steps=1))
+    loads = pool.status()["loads"]
     tiling = Tiling(16, 24, 1 / 2, 1 / 3)  # 4 x 3 = 12 tiles over 2 ranks
     events = []
     frames = pool.decode(SPEC, latents, frames=9, tiled=True, tiling=tiling, on_event=events.append)
@@ -225,7 +228,25 @@ def test_parallel_tiled_decode_equals_single_process(pool, engine):
     assert (frames - reference).abs().max().item() < 1e-5
     plain = pool.decode(SPEC, latents, frames=9, tiled=False)
     assert (plain - engine.decode(latents, frames=9)).abs().max().item() < 1e-5
-    assert pool.status()["loads"] == 1  # decoding reused the resident VAE, nothing reloaded
+    assert pool.status()["loads"] == loads  # decoding reused the resident VAE, nothing reloaded
+
+
+def test_an_error_on_every_rank_keeps_the_pool(pool, tiny_path, tmp_path):
+    """Weights that only fail when loaded: every rank reports the error, no rank is stuck, nothing restarts."""
+    import shutil
+
+    pool.generate(SPEC, _request(steps=1))
+    pids, starts = [r["pid"] for r in pool.status()["ranks"]], pool.status()["starts"]
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_path("2b"), broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    with pytest.raises(WorkerError) as caught:
+        pool.generate(ModelSpec(str(broken), "fp32"), _request())
+    assert caught.value.exc_type in ("OSError", "ModelError", "SafetensorError", "RuntimeError")
+    assert [r["pid"] for r in pool.status()["ranks"]] == pids and pool.status()["starts"] == starts
+    pool.generate(SPEC, _request(steps=1))
+    assert [r["pid"] for r in pool.status()["ranks"]] == pids
 
 
 def test_a_worker_that_raises_reports_rank_and_traceback(pool, engine):

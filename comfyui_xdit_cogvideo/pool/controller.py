@@ -218,7 +218,7 @@ def _describe_exit(code: int | None) -> str:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        hint = " (killed: out of host memory, or by hand?)" if -code == signal.SIGKILL else ""
+        hint = " (out of host memory, or killed by hand?)" if -code == _SIGKILL else ""
         return f"was killed by {name}{hint}"
     return f"exited with code {code}"
 
@@ -232,6 +232,7 @@ class _Rank:
     pid: int | None = None
     host: str = ""
     device: str = ""
+    backend: str = ""
     state: str = "starting"
     ready: bool = False
     last_seen: float = field(default_factory=time.monotonic)
@@ -409,9 +410,13 @@ class WorkerPool:
             now = time.monotonic()
             if now > deadline:
                 missing = sorted(set(range(world)) - set(connected))
+                hint = ""
+                if self.devices.kind == "remote":
+                    hint = (f"; start them with torchrun ... -m comfyui_xdit_cogvideo worker --connect "
+                            f"{self.devices.address[0]}:{self.devices.address[1]} (see README)")
                 raise PoolError(f"workers did not start within {self.start_timeout:.0f} s "
                                 f"(not connected: ranks {missing or 'none'}; not ready: "
-                                f"{[r.rank for r in connected.values() if not r.ready]})")
+                                f"{[r.rank for r in connected.values() if not r.ready]}){hint}")
             for entry in procs.values():
                 code = entry.proc.poll() if entry.proc else None
                 if code is not None:
@@ -488,6 +493,7 @@ class WorkerPool:
         if entry.proc is not None and hello.get("pid") != entry.pid:
             return refuse(f"rank {rank} answered from pid {hello.get('pid')}, expected {entry.pid}")
         entry.channel, entry.pid, entry.host = channel, hello.get("pid"), hello.get("host", "")
+        entry.backend = hello.get("backend", "")
         if entry.proc is None:
             entry.device = hello.get("device", "")
         entry.last_seen = time.monotonic()
@@ -593,7 +599,7 @@ class WorkerPool:
                     except ChannelClosed:
                         pass
         _kill_ranks(ranks, signal.SIGTERM)
-        _kill_ranks(ranks, signal.SIGCONT)  # a stopped (SIGSTOP) worker must run to act on SIGTERM
+        _kill_ranks(ranks, getattr(signal, "SIGCONT", None))  # a stopped (SIGSTOP) worker must run to act on it
         deadline = time.monotonic() + 3.0
         for entry in ranks:
             if entry.proc is not None:
@@ -601,7 +607,7 @@ class WorkerPool:
                     entry.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pass
-        _kill_ranks(ranks, signal.SIGKILL)
+        _kill_ranks(ranks, _SIGKILL)
         for entry in ranks:
             if entry.proc is not None:
                 entry.proc.wait()
@@ -625,7 +631,7 @@ class WorkerPool:
 
     def _kill_now(self) -> None:
         """Signal-handler path: kill every worker without taking locks (they are reaped later or by init)."""
-        _kill_ranks(list(self._ranks), signal.SIGKILL)
+        _kill_ranks(list(self._ranks), _SIGKILL)
 
     # -- jobs ------------------------------------------------------------------------------------------------
     def generate(self, model: ModelSpec, request: GenerationRequest, layout: Layout | None = None,
@@ -873,7 +879,8 @@ class WorkerPool:
                 state = "busy" if self._job is not None else "idle"
             return {
                 "state": state, "devices": str(self.devices), "kind": self.devices.kind,
-                "backend": self.devices.backend if self.devices.kind != "remote" else "nccl/gloo (per worker)",
+                "backend": self.devices.backend if self.devices.kind != "remote" else
+                ",".join(sorted({r.backend for r in self._ranks if r.backend})) or "unknown",
                 "world_size": self.world_size, "ranks": ranks,
                 "model": leader.get("model"), "layout": leader.get("layout"), "loads": leader.get("loads", 0),
                 "job": dict(self._job) if self._job else None, "jobs_done": self._jobs_done,
@@ -907,16 +914,23 @@ def _request_wire(request: GenerationRequest) -> dict:
     return out
 
 
-def _kill_ranks(ranks: list[_Rank], sig: int) -> None:
+_SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+def _kill_ranks(ranks: list[_Rank], sig: int | None) -> None:
+    if sig is None:
+        return
     for entry in ranks:
         if entry.proc is None or entry.proc.returncode is not None:
             continue
         try:
+            if not hasattr(os, "killpg"):
+                raise PermissionError
             os.killpg(entry.proc.pid, sig)  # the worker's own session: takes any helper processes with it
         except (ProcessLookupError, PermissionError):
             try:
                 entry.proc.send_signal(sig)
-            except ProcessLookupError:
+            except (ProcessLookupError, OSError):
                 pass
 
 
@@ -975,7 +989,7 @@ def install_exit_handlers() -> None:
         if _HANDLERS_INSTALLED or threading.current_thread() is not threading.main_thread():
             return
         _HANDLERS_INSTALLED = True
-    for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+    for signum in (getattr(signal, "SIGTERM", None), signal.SIGINT, getattr(signal, "SIGHUP", None)):
         if signum is None:
             continue
         try:
