@@ -37,7 +37,8 @@ def _memory(device) -> dict:
     if device.type == "cuda" and torch.cuda.is_initialized():
         free, total = torch.cuda.mem_get_info(device)
         return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
-                "peak": torch.cuda.max_memory_allocated(device), "free": free, "total": total}
+                "peak": torch.cuda.max_memory_allocated(device), "free": free, "total": total,
+                "allocator": torch.cuda.get_allocator_backend()}
     try:
         with open("/proc/self/statm") as f:
             rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
