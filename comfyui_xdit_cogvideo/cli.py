@@ -101,6 +101,12 @@ def main(argv: list[str] | None = None) -> int:
         args = _build_parser().parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2), already printed
         return stop.code if isinstance(stop.code, int) else 2
+    import logging
+
+    if getattr(args, "verbose", False):
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    else:  # failures reach the user as the one error line below
+        logging.getLogger("comfyui_xdit_cogvideo").addHandler(logging.NullHandler())
     try:
         if args.command == "generate":
             return _generate(args)

@@ -158,3 +158,35 @@ def test_pool_status_command(tiny_path, capsys):
     assert status["world_size"] == 1 and status["state"] == "idle" and status["ranks"][0]["memory"]["rss"] > 0
     code, out, err = _run(["pool-status", "--devices", "cpu:0"], capsys)
     assert code == 1 and "cpu:N" in err
+
+
+def test_ctrl_c_stops_the_workers_and_exits_130(tiny_path, tmp_path):
+    import signal
+
+    import psutil
+
+    tiny_path("2b")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "comfyui_xdit_cogvideo", "generate", "--model", "tiny",
+                             "--prompt", "a cat", "--steps", "1000", "--frames", "49", "--height", "96", "--width",
+                             "144", "--world-size", "2", "--output", str(tmp_path / "x.mp4")],
+                            env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # wait until sampling runs
+            if line.startswith("sampling 1/"):
+                break
+        workers = [c.pid for c in psutil.Process(proc.pid).children() if "pool.worker" in " ".join(c.cmdline())]
+        assert len(workers) == 2, [c.cmdline() for c in psutil.Process(proc.pid).children()]
+        proc.send_signal(signal.SIGINT)
+        rest = proc.stderr.read()
+        assert proc.wait(timeout=30) == 130, rest
+        assert rest.strip().splitlines()[-1] == "error: interrupted", rest
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(
+                psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers):
+            time.sleep(0.1)
+        assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for p in workers)
+        assert not (tmp_path / "x.mp4").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

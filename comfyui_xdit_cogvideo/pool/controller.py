@@ -315,6 +315,7 @@ class WorkerPool:
         self._listener = None
         self._key = None
         self._closed = False
+        self._exiting = False
         _live_pools.add(self)
         install_exit_handlers()
 
@@ -553,7 +554,10 @@ class WorkerPool:
                 return
             self._last_error = f"worker rank {entry.rank} ({entry.where()}) {reason}"
             self._state = "broken"
-        log.error("xdit-cogvideo pool: %s; stopping all workers", self._last_error)
+            if self._exiting:  # we killed them ourselves (a signal to this process)
+                reason = self._last_error = "stopped: this process is exiting"
+        if not self._exiting:
+            log.error("xdit-cogvideo pool: %s; stopping all workers", self._last_error)
         with self._teardown_lock:  # the job sees the failure only once every worker is gone and reaped
             self._inbox.put((generation, entry.rank, {"op": "lost", "reason": reason, "where": entry.where(),
                                                       "tail": entry.tail() if entry.proc is not None else ""}))
@@ -631,6 +635,7 @@ class WorkerPool:
 
     def _kill_now(self) -> None:
         """Signal-handler path: kill every worker without taking locks (they are reaped later or by init)."""
+        self._exiting = True
         _kill_ranks(list(self._ranks), _SIGKILL)
 
     # -- jobs ------------------------------------------------------------------------------------------------
@@ -835,9 +840,10 @@ class WorkerPool:
                                graceful=False, expect=generation)
             with self._lock:
                 self._last_error = str(error).split("\n--- worker traceback")[0]
-            raise error
-        if caller_error is not None:
+        if caller_error is not None:  # the caller stopped the job (e.g. Ctrl-C): that is what it must see
             raise caller_error
+        if error is not None:
+            raise error
         if cancelled:
             raise GenerationCancelled(f"{kind} cancelled")
         if kind == "encode":
