@@ -82,11 +82,15 @@ class CogVideoEngine:
         return self
 
     def _setup(self, attention: str, optimize) -> None:
-        check_layout(self.groups.layout, heads=self.info.heads, use_cfg=True)
-        self.attention = resolve_kernel(attention, self.device)
-        parallelize_transformer(self.transformer, self.groups, self.attention)
+        self.rebind(self.groups, attention)
         self.optimizer = None
         self.optimize(optimize)
+
+    def rebind(self, groups: ParallelGroups, attention: str) -> None:
+        """Point the resident transformer at other process groups or another attention kernel; no weights move."""
+        check_layout(groups.layout, heads=self.info.heads, use_cfg=True)
+        self.groups, self.attention = groups, resolve_kernel(attention, self.device)
+        parallelize_transformer(self.transformer, self.groups, self.attention)
 
     def optimize(self, options="auto"):
         """Turn on single-GPU speed-ups (``comfyui_xdit_cogvideo.optimize``): ``"auto"`` = fused QKV +
@@ -106,6 +110,15 @@ class CogVideoEngine:
         if self._vae is None:
             self._vae = load_vae(self.resolved, self.dtype, self.device, self.info)
         return self._vae
+
+    @property
+    def loaded_vae(self):
+        """The VAE if it is already in memory, else None (never loads)."""
+        return self._vae
+
+    def attach_vae(self, vae) -> None:
+        """Use an already loaded VAE (a pool shares one between decode and I2V image encoding)."""
+        self._vae = vae
 
     @property
     def has_vae(self) -> bool:

@@ -174,8 +174,8 @@ class Worker:
         source = ModelSource(spec["path"], vae=spec.get("vae"), text_encoder=spec.get("text_encoder"))
         engine = CogVideoEngine(source, dtype=spec["dtype"], device=self.device, groups=ParallelGroups.single(),
                                 attention=spec["attention"])
-        if self.vae is not None and getattr(engine, "_vae", "absent") is None:
-            engine._vae = self.vae  # share the decode VAE with the sampler (I2V encodes its image with it)
+        if self.vae is not None and engine.loaded_vae is None:
+            engine.attach_vae(self.vae)  # share the decode VAE with the sampler (I2V encodes its image with it)
         self.engine, self.engine_key, self.attention = engine, key, spec["attention"]
         self.loads += 1
         self.state = previous
@@ -189,8 +189,8 @@ class Worker:
         key = (spec["path"], spec.get("vae"), spec.get("text_encoder"), spec["dtype"])
         if self.vae is not None and self.vae_key == key:
             return self.vae
-        if self.engine is not None and self.engine_key == key and getattr(self.engine, "_vae", None) is not None:
-            self.vae, self.vae_key = self.engine._vae, key
+        if self.engine is not None and self.engine_key == key and self.engine.loaded_vae is not None:
+            self.vae, self.vae_key = self.engine.loaded_vae, key
             return self.vae
         self.vae = self.vae_key = None
         gc.collect()
@@ -198,8 +198,8 @@ class Worker:
         vae = load_vae(source.resolve(), parse_dtype(spec["dtype"]), self.device, read_model_info(source))
         self.vae, self.vae_key = vae, key
         self.vae_loads += 1
-        if self.engine is not None and self.engine_key == key and getattr(self.engine, "_vae", "absent") is None:
-            self.engine._vae = vae
+        if self.engine is not None and self.engine_key == key and self.engine.loaded_vae is None:
+            self.engine.attach_vae(vae)
         return vae
 
     def groups_for(self, layout):
@@ -212,14 +212,10 @@ class Worker:
 
     def configure(self, engine, groups, attention: str) -> None:
         """Point the resident transformer at ``groups`` and ``attention``: no weights move, nothing reloads."""
-        from ..parallel import parallelize_transformer
-        from ..parallel.kernels import resolve_kernel
-
         if engine.groups is groups and self.attention == attention:
             return
-        kernel = resolve_kernel(attention, self.device)
-        parallelize_transformer(engine.transformer, groups, kernel)
-        engine.groups, engine.attention, self.attention = groups, kernel, attention
+        engine.rebind(groups, attention)
+        self.attention = attention
 
     # -- jobs --------------------------------------------------------------------------------------------
     def _should_cancel(self, job: int):
