@@ -44,6 +44,9 @@ VARIANTS = {
     "ours-fa4-fused": ("ours", "fa4", "fuse", None),
     "ours-fa4-compiled": ("ours", "fa4", "fuse,compile", None),
     "ours-cudnn-compiled": ("ours", "cudnn", "fuse,compile", None),
+    "ours-fa4-compiled-cv": ("ours", "fa4", "fuse,compile,contiguous_v", None),
+    "ours-fa4-compiled-ge": ("ours", "fa4", "fuse,compile,gelu_epilogue", None),
+    "ours-fa4-compiled-v2": ("ours", "fa4", "fuse,compile,contiguous_v,gelu_epilogue", None),
 }
 DEFAULT_VARIANTS = {
     "2b": "diffusers,diffusers-flash,ours-cudnn-eager,ours-fa4-eager,ours-fa4-fused,ours-fa4-compiled,"
@@ -70,7 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--scaling", default="", help="models for the per-rank multi-GPU simulation")
     p.add_argument("--extras", default="", help="models for step cache / fp8 with PSNR (50-step runs)")
     p.add_argument("--extras-steps", type=int, default=50)
-    p.add_argument("--cache-thresholds", default="0.05,0.1")
+    p.add_argument("--cache-runs", default="cache=0.05;cache=0.1",
+                   help="';'-separated optimize flags added to the exact run's, one 50-step run each "
+                        "(e.g. 'cache=1e-9' records the per-step distances without skipping)")
+    p.add_argument("--extras-optimize", default="fuse,compile", help="optimize flags of the exact extras run")
+    p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--xfuser", default="2b,5b", help="models for the xfuser task")
     p.add_argument("--xfuser-path", default=os.environ.get("XDIT_PATH", "/tmp/xdit"))
     p.add_argument("--e2e-real", default="", help="models with a real 50-step end-to-end run (T5+steps+decode)")
@@ -328,12 +335,17 @@ class Bench:
             sync(self.device)
         rows = []
         total = 0.0
-        for e in prof.key_averages():
-            dt = getattr(e, "self_device_time_total", None)
-            if dt is None:
-                dt = getattr(e, "self_cuda_time_total", 0)
+        events = prof.key_averages()
+        # device kernels only: a CPU op (aten::addmm, FlashAttnFunc, an Inductor launcher) carries its kernels'
+        # time too, so counting both would double it
+        device_only = self.device.type == "cuda" and any("CUDA" in str(getattr(e, "device_type", "")) for e in events)
+        for e in events:
             if self.device.type == "cpu":
                 dt = e.self_cpu_time_total
+            elif device_only and "CUDA" not in str(getattr(e, "device_type", "")):
+                continue
+            else:
+                dt = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
             if dt and dt > 0:
                 rows.append((e.key, e.count, dt))
                 total += dt
@@ -499,28 +511,30 @@ def run_extras(bench: Bench, args, R):
     if R.left() < n * per_step * 1.2 + 60:
         R.skip(f"{bench.name} extras", "time budget")
         return
-    exact, times, _ = run("fuse,compile")
+    exact, times, _ = run(args.extras_optimize)
     exact_frames = bench.decode_frames(exact)
     out["exact"] = dict(total_s=round(sum(times[1:]), 2), s_per_step=round(median_after(times, 2), 4), steps=n)
     bench.put("extras", out)
     log(f"{bench.name} extras exact: {out['exact']}")
-    for threshold in (float(x) for x in args.cache_thresholds.split(",") if x):
+    for flags in (x.strip() for x in args.cache_runs.split(";") if x.strip()):
         if R.left() < n * per_step + 40:
-            R.skip(f"{bench.name} step cache {threshold}", "time budget")
+            R.skip(f"{bench.name} step cache {flags}", "time budget")
             break
-        latents, times, stats = run(f"fuse,compile,cache={threshold}")
+        latents, times, stats = run(f"{args.extras_optimize},{flags}")
         frames = bench.decode_frames(latents)
-        out[f"cache={threshold}"] = dict(total_s=round(sum(times[1:]), 2), stats=stats,
+        out[f"{flags}"] = dict(total_s=round(sum(times[1:]), 2), stats=stats,
                                          speedup=round(out["exact"]["total_s"] / max(sum(times[1:]), 1e-9), 3),
                                          psnr_db=round(psnr(frames, exact_frames), 2),
                                          latents=compare(latents, exact))
         bench.put("extras", out)
-        log(f"{bench.name} extras cache={threshold}: {out[f'cache={threshold}']}")
+        log(f"{bench.name} extras {flags}: {out[flags]}")
+    if args.no_fp8:
+        return
     if R.left() < n * per_step + 90:
         R.skip(f"{bench.name} fp8", "time budget")
         return
     try:
-        latents, times, _ = run("fuse,compile,fp8")
+        latents, times, _ = run(f"{args.extras_optimize},fp8")
         frames = bench.decode_frames(latents)
         out["fp8"] = dict(total_s=round(sum(times[1:]), 2), s_per_step=round(median_after(times, 2), 4),
                           first_step_s=round(times[0], 2),

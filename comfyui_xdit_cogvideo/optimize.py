@@ -45,6 +45,10 @@ class OptimizeOptions:
       ``step_cache_warmup`` steps always compute.
     - ``fp8``: attention and feed-forward linears in float8 e4m3 (per-row activation and per-channel weight
       scales, ``torch._scaled_mm``). Inexact; needs an fp8 GPU (Hopper, Ada, Blackwell).
+    - ``contiguous_v``: hand the attention kernel a contiguous V (with fused QKV it is a strided view of the
+      projection output); exact.
+    - ``gelu_epilogue``: bias + tanh-GELU of the first feed-forward projection inside the GEMM (cuBLASLt
+      epilogue, ``torch._addmm_activation``) instead of a separate pass; exact up to bf16 rounding.
     """
 
     fuse_qkv: bool = True
@@ -55,10 +59,13 @@ class OptimizeOptions:
     step_cache_max_skips: int = 2
     step_cache_warmup: int = 2
     fp8: bool = False
+    contiguous_v: bool = False
+    gelu_epilogue: bool = False
 
     @property
     def active(self) -> bool:
-        return self.fuse_qkv or self.compile or self.step_cache > 0 or self.fp8
+        return (self.fuse_qkv or self.compile or self.step_cache > 0 or self.fp8 or self.contiguous_v
+                or self.gelu_epilogue)
 
     @classmethod
     def parse(cls, value, device: torch.device | str = "cuda") -> "OptimizeOptions | None":
@@ -136,7 +143,7 @@ def _setup_compile_cache(cache_dir: str | None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The block, split around attention. Same modules, same order as CogVideoXBlock.forward + our processor.
 
-def _block_pre(block, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin):
+def _block_pre(block, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin, contiguous_v=False):
     from diffusers.models.embeddings import apply_rotary_emb
 
     attn = block.attn1
@@ -158,10 +165,27 @@ def _block_pre(block, hidden_states, encoder_hidden_states, temb, rotary_cos, ro
         rope = (rotary_cos, rotary_sin)
         q = torch.cat([q[:, :text_len], apply_rotary_emb(q[:, text_len:], rope, sequence_dim=1)], 1)
         k = torch.cat([k[:, :text_len], apply_rotary_emb(k[:, text_len:], rope, sequence_dim=1)], 1)
+    if contiguous_v:
+        v = v.contiguous()
     return q, k, v, gate_msa, enc_gate_msa
 
 
-def _block_post(block, out, hidden_states, encoder_hidden_states, temb, gate_msa, enc_gate_msa):
+def _feed_forward(ff, x, gelu_epilogue: bool):
+    """diffusers' FeedForward; with ``gelu_epilogue`` the first projection's bias + tanh-GELU run in the GEMM."""
+    first = ff.net[0]
+    proj = getattr(first, "proj", None)
+    if not (gelu_epilogue and type(proj) is nn.Linear and proj.bias is not None
+            and getattr(first, "approximate", None) == "tanh" and type(first).__name__ == "GELU"):
+        return ff(x)
+    shape = x.shape
+    h = torch._addmm_activation(proj.bias, x.reshape(-1, shape[-1]), proj.weight.t(), use_gelu=True)
+    h = h.reshape(*shape[:-1], h.shape[-1])
+    for layer in ff.net[1:]:
+        h = layer(h)
+    return h
+
+
+def _block_post(block, out, hidden_states, encoder_hidden_states, temb, gate_msa, enc_gate_msa, gelu_epilogue=False):
     attn = block.attn1
     text_len = encoder_hidden_states.size(1)
     batch, seq = out.shape[:2]
@@ -170,7 +194,7 @@ def _block_post(block, out, hidden_states, encoder_hidden_states, temb, gate_msa
     hidden_states = hidden_states + gate_msa * attn_h
     encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_e
     norm_h, norm_e, gate_ff, enc_gate_ff = block.norm2(hidden_states, encoder_hidden_states, temb)
-    ff = block.ff(torch.cat([norm_e, norm_h], dim=1))
+    ff = _feed_forward(block.ff, torch.cat([norm_e, norm_h], dim=1), gelu_epilogue)
     hidden_states = hidden_states + gate_ff * ff[:, text_len:]
     encoder_hidden_states = encoder_hidden_states + enc_gate_ff * ff[:, :text_len]
     return hidden_states, encoder_hidden_states
@@ -212,6 +236,7 @@ class StepCache:
         self.skipped_steps = 0
         self.computed_steps = 0
         self.last_distance = None
+        self.distances = []
 
     def decide(self, first_residual: torch.Tensor, context) -> bool:
         """After block 0 of a step: skip the rest? (updates the reference when computing)."""
@@ -227,6 +252,7 @@ class StepCache:
                 dist.all_reduce(sums, group=groups.world)
             distance = float(sums[0] / sums[1].clamp_min(1e-12))  # the one host sync of this feature
             self.last_distance = distance
+            self.distances.append(distance)
             skip = distance < self.threshold
         self.step += 1
         self.skipping = skip
@@ -280,7 +306,8 @@ class Optimizer:
     def stats(self) -> dict:
         if self.cache is None:
             return {}
-        return {"skipped_steps": self.cache.skipped_steps, "computed_steps": self.cache.computed_steps}
+        return {"skipped_steps": self.cache.skipped_steps, "computed_steps": self.cache.computed_steps,
+                "distances": [round(d, 4) for d in self.cache.distances]}
 
 
 def _fast_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,
@@ -302,9 +329,11 @@ def _fast_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
         cache.block1_in = (hidden_states, encoder_hidden_states)
     cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
     text_len = encoder_hidden_states.size(1)
-    q, k, v, gate_msa, enc_gate_msa = opt.pre(self, hidden_states, encoder_hidden_states, temb, cos, sin)
+    q, k, v, gate_msa, enc_gate_msa = opt.pre(self, hidden_states, encoder_hidden_states, temb, cos, sin,
+                                              opt.options.contiguous_v)
     out = context.attention(q, k, v, text_len)
-    h, e = opt.post(self, out, hidden_states, encoder_hidden_states, temb, gate_msa, enc_gate_msa)
+    h, e = opt.post(self, out, hidden_states, encoder_hidden_states, temb, gate_msa, enc_gate_msa,
+                    opt.options.gelu_epilogue)
     if cache is not None:
         if index == 0:
             cache.decide(h - hidden_states, context)
