@@ -36,6 +36,9 @@ __all__ = ["OptimizeOptions", "Optimizer", "optimize_transformer", "Fp8Linear", 
 class OptimizeOptions:
     """What to turn on. ``OptimizeOptions.parse`` reads ``"auto"``, ``"none"``, a dict, or ``"fuse,compile,..."``.
 
+    The defaults (= ``"auto"`` on CUDA) are the exact options, measured fastest on one H200 (BENCHMARKS.md):
+    fused QKV + compile + contiguous V + GELU epilogue. A flag string starts from everything off.
+
     - ``fuse_qkv``: one [3D x D] projection instead of three (diffusers' ``Attention.fuse_projections``); exact.
     - ``compile``: torch.compile the blocks' elementwise work (pre/post attention graphs); exact up to bf16
       rounding of fused elementwise ops.
@@ -59,8 +62,8 @@ class OptimizeOptions:
     step_cache_max_skips: int = 2
     step_cache_warmup: int = 2
     fp8: bool = False
-    contiguous_v: bool = False
-    gelu_epilogue: bool = False
+    contiguous_v: bool = True
+    gelu_epilogue: bool = True
 
     @property
     def active(self) -> bool:
@@ -69,9 +72,10 @@ class OptimizeOptions:
 
     @classmethod
     def parse(cls, value, device: torch.device | str = "cuda") -> "OptimizeOptions | None":
-        """``None``/``"none"``/``False``: nothing. ``"auto"``/``True``: fuse + compile on CUDA, nothing on CPU.
+        """``None``/``"none"``/``False``: nothing. ``"auto"``/``True``: the exact defaults on CUDA, nothing on CPU.
 
-        Strings list flags, e.g. ``"fuse,compile"``, ``"fuse,nocompile"``, ``"auto,fp8"``, ``"auto,cache=0.08"``.
+        Strings list flags from all-off, e.g. ``"fuse,compile"``, ``"auto,nocompile"``, ``"auto,fp8"``,
+        ``"auto,cache=0.08"``, ``"fuse,compile,gelu_epilogue"``.
         """
         if isinstance(value, OptimizeOptions):
             return value if value.active else None
@@ -84,14 +88,15 @@ class OptimizeOptions:
             return cls() if cuda else None
         if not isinstance(value, str):
             raise ValueError(f"optimize must be 'auto', 'none', a dict or OptimizeOptions, got {value!r}")
-        options = cls(fuse_qkv=False, compile=False)
+        exact = dict(fuse_qkv=True, compile=True, contiguous_v=True, gelu_epilogue=True)
+        options = cls(**{k: False for k in exact})
         names = {f.name for f in fields(cls)}
         for part in (p.strip() for p in value.split(",") if p.strip()):
             key, _, arg = part.partition("=")
             key = {"fuse": "fuse_qkv", "cache": "step_cache", "mode": "compile_mode"}.get(key, key)
             if key == "auto":
-                options = replace(options, fuse_qkv=cuda, compile=cuda)
-            elif key.startswith("no") and key[2:] in {"fuse", "compile", "fp8"}:
+                options = replace(options, **{k: cuda for k in exact})
+            elif key.startswith("no") and key[2:] in {"fuse", "compile", "fp8", "contiguous_v", "gelu_epilogue"}:
                 options = replace(options, **{{"fuse": "fuse_qkv"}.get(key[2:], key[2:]): False})
             elif key in names:
                 field_type = {f.name: f.type for f in fields(cls)}[key]
@@ -107,8 +112,8 @@ class OptimizeOptions:
                     parsed = arg
                 options = replace(options, **{key: parsed})
             else:
-                raise ValueError(f"unknown optimize flag {part!r}; flags: auto, none, fuse, compile, fp8, "
-                                 "cache=THRESHOLD, mode=MODE, nofuse, nocompile")
+                raise ValueError(f"unknown optimize flag {part!r}; flags: auto, none, fuse, compile, contiguous_v, "
+                                 "gelu_epilogue, fp8, cache=THRESHOLD, mode=MODE, nofuse, nocompile, ...")
         return options if options.active else None
 
 
@@ -174,7 +179,9 @@ def _feed_forward(ff, x, gelu_epilogue: bool):
     """diffusers' FeedForward; with ``gelu_epilogue`` the first projection's bias + tanh-GELU run in the GEMM."""
     first = ff.net[0]
     proj = getattr(first, "proj", None)
-    if not (gelu_epilogue and type(proj) is nn.Linear and proj.bias is not None
+    # torch._addmm_activation's GELU is the tanh approximation on CUDA (cuBLASLt epilogue) but the exact erf
+    # form on CPU, so the fusion is only taken on CUDA, where it equals CogVideoX's gelu-approximate
+    if not (gelu_epilogue and x.is_cuda and type(proj) is nn.Linear and proj.bias is not None
             and getattr(first, "approximate", None) == "tanh" and type(first).__name__ == "GELU"):
         return ff(x)
     shape = x.shape
@@ -382,11 +389,24 @@ def _fp8_linears(block) -> None:
     ff[2] = Fp8Linear(ff[2])
 
 
+def _share_qkv_storage(attn) -> None:
+    """Make to_q/to_k/to_v views into the fused to_qkv weights: no second copy in memory, and diffusers' stock
+    processor (which reads to_q/to_k/to_v) still computes the same thing."""
+    parts = (attn.to_q, attn.to_k, attn.to_v)
+    sizes = [p.weight.shape[0] for p in parts]
+    for layer, weight in zip(parts, attn.to_qkv.weight.split(sizes, dim=0)):
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+    if attn.to_qkv.bias is not None:
+        for layer, bias in zip(parts, attn.to_qkv.bias.split(sizes, dim=0)):
+            layer.bias = nn.Parameter(bias, requires_grad=False)
+
+
 @torch.no_grad()
 def optimize_transformer(transformer, options: OptimizeOptions) -> Optimizer:
     """Apply ``options`` to a (parallelized) CogVideoX transformer in place; idempotent per option set.
 
-    Fusing QKV keeps the separate q/k/v weights (diffusers' stock processor still works on the module).
+    Fusing QKV turns the separate q/k/v weights into views of the fused one (no extra memory; diffusers' stock
+    processor still works on the module).
     fp8 replaces the linears for good (their bf16 weights are freed).
     """
     previous = getattr(transformer, "_xdit_optimizer", None)
@@ -397,6 +417,7 @@ def optimize_transformer(transformer, options: OptimizeOptions) -> Optimizer:
         if options.fuse_qkv and not getattr(attn, "fused_projections", False) and not isinstance(
                 getattr(attn, "to_q", None), Fp8Linear):
             attn.fuse_projections()
+            _share_qkv_storage(attn)
         if options.fp8 and not isinstance(block.ff.net[2], Fp8Linear):
             _fp8_linears(block)
     opt = Optimizer(transformer, options)
