@@ -47,12 +47,13 @@ VARIANTS = {
     "ours-fa4-compiled-cv": ("ours", "fa4", "fuse,compile,contiguous_v", None),
     "ours-fa4-compiled-ge": ("ours", "fa4", "fuse,compile,gelu_epilogue", None),
     "ours-fa4-compiled-v2": ("ours", "fa4", "fuse,compile,contiguous_v,gelu_epilogue", None),
+    "ours-default": ("ours", "auto", "auto", None),  # what CogVideoEngine does by default
 }
 DEFAULT_VARIANTS = {
     "2b": "diffusers,diffusers-flash,ours-cudnn-eager,ours-fa4-eager,ours-fa4-fused,ours-fa4-compiled,"
-          "ours-cudnn-compiled",
-    "5b": "diffusers,diffusers-flash,ours-fa4-fused,ours-fa4-compiled,ours-cudnn-compiled",
-    "1.5-5b": "diffusers,ours-fa4-compiled",
+          "ours-default,ours-cudnn-compiled",
+    "5b": "diffusers,diffusers-flash,ours-fa4-fused,ours-fa4-compiled,ours-default",
+    "1.5-5b": "diffusers,ours-default",
 }
 
 
@@ -67,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="steps dropped before the median")
     p.add_argument("--variants", action="append", default=[], help="MODEL=v1,v2,... (default per model)")
     p.add_argument("--kernels", default=None, help="attention kernels to time (default: all available)")
-    p.add_argument("--profile", default="diffusers,ours-fa4-compiled", help="variants to profile (1 step)")
+    p.add_argument("--profile", default="diffusers,ours-default", help="variants to profile (2 steps)")
     p.add_argument("--decode", default="2b,5b", help="models whose VAE decode is timed")
     p.add_argument("--decode-tiled", default="1.5-5b", help="models decoded with VAE tiling")
     p.add_argument("--scaling", default="", help="models for the per-rank multi-GPU simulation")
@@ -76,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--cache-runs", default="cache=0.05;cache=0.1",
                    help="';'-separated optimize flags added to the exact run's, one 50-step run each "
                         "(e.g. 'cache=1e-9' records the per-step distances without skipping)")
-    p.add_argument("--extras-optimize", default="fuse,compile", help="optimize flags of the exact extras run")
+    p.add_argument("--extras-optimize", default="auto", help="optimize flags of the exact extras run")
     p.add_argument("--no-fp8", action="store_true")
     p.add_argument("--xfuser", default="2b,5b", help="models for the xfuser task")
     p.add_argument("--xfuser-path", default=os.environ.get("XDIT_PATH", "/tmp/xdit"))
@@ -493,7 +494,8 @@ def run_extras(bench: Bench, args, R):
 
     n = args.extras_steps if not args.tiny else 6
     pos, neg = bench.embeds
-    per_step = bench.results.get("ours-fa4-compiled", {}).get("s_per_step") or 1.0
+    per_step = (bench.results.get("ours-default") or bench.results.get("ours-fa4-compiled") or {}).get(
+        "s_per_step") or 1.0
     if not hasattr(bench, "vae_pipe"):
         bench.decode(tiled=False)
 
@@ -551,7 +553,8 @@ def run_e2e_real(bench: Bench, args, R):
     from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest
 
     n = 50 if not args.tiny else 4
-    per_step = bench.results.get("ours-fa4-compiled", {}).get("s_per_step") or 1.0
+    per_step = (bench.results.get("ours-default") or bench.results.get("ours-fa4-compiled") or {}).get(
+        "s_per_step") or 1.0
     if R.left() < n * per_step + 60:
         R.skip(f"{bench.name} e2e-real", "time budget")
         return
@@ -559,7 +562,7 @@ def run_e2e_real(bench: Bench, args, R):
     if not hasattr(bench, "vae") or bench.vae is None:
         bench.vae = build_vae(bench.name, bench.device, bench.dtype, tiny=args.tiny)
     engine = CogVideoEngine.from_components(bench.transformer, vae=bench.vae, text_encoder=encoder,
-                                            tokenizer=tokenizer, attention="auto", optimize="fuse,compile")
+                                            tokenizer=tokenizer, attention="auto", optimize="auto")
     request = GenerationRequest(prompt="a panda playing the guitar", frames=bench.frames, height=bench.height,
                                 width=bench.width, steps=n, guidance=6.0, seed=42)
     sync(bench.device)
