@@ -29,6 +29,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 
+from .parallel.attention import project_qkv
+
 __all__ = ["OptimizeOptions", "Optimizer", "optimize_transformer", "Fp8Linear", "StepCache"]
 
 
@@ -149,27 +151,9 @@ def _setup_compile_cache(cache_dir: str | None) -> None:
 # The block, split around attention. Same modules, same order as CogVideoXBlock.forward + our processor.
 
 def _block_pre(block, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin, contiguous_v=False):
-    from diffusers.models.embeddings import apply_rotary_emb
-
-    attn = block.attn1
-    text_len = encoder_hidden_states.size(1)
     norm_h, norm_e, gate_msa, enc_gate_msa = block.norm1(hidden_states, encoder_hidden_states, temb)
-    x = torch.cat([norm_e, norm_h], dim=1)
-    batch, seq, _ = x.shape
-    if getattr(attn, "fused_projections", False):
-        q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
-    else:
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-    head_dim = k.shape[-1] // attn.heads
-    q, k, v = (t.reshape(batch, seq, attn.heads, head_dim) for t in (q, k, v))
-    if attn.norm_q is not None:
-        q = attn.norm_q(q)
-    if attn.norm_k is not None:
-        k = attn.norm_k(k)
-    if rotary_cos is not None:
-        rope = (rotary_cos, rotary_sin)
-        q = torch.cat([q[:, :text_len], apply_rotary_emb(q[:, text_len:], rope, sequence_dim=1)], 1)
-        k = torch.cat([k[:, :text_len], apply_rotary_emb(k[:, text_len:], rope, sequence_dim=1)], 1)
+    rotary = None if rotary_cos is None else (rotary_cos, rotary_sin)
+    q, k, v = project_qkv(block.attn1, torch.cat([norm_e, norm_h], dim=1), encoder_hidden_states.size(1), rotary)
     if contiguous_v:
         v = v.contiguous()
     return q, k, v, gate_msa, enc_gate_msa

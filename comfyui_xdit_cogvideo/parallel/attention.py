@@ -81,6 +81,26 @@ class ParallelContext:
         return out.to(query.dtype)
 
 
+def project_qkv(attn, x: torch.Tensor, text_len: int, rotary=None):
+    """q, k, v [batch, seq, heads, dim] of the joint sequence ``x`` = [text; video], as diffusers computes them:
+    (fused) projections, q/k norms, RoPE on the video part only."""
+    batch, seq, _ = x.shape
+    if getattr(attn, "fused_projections", False):
+        q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
+    else:
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+    head_dim = k.shape[-1] // attn.heads
+    q, k, v = (t.reshape(batch, seq, attn.heads, head_dim) for t in (q, k, v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    if rotary is not None:
+        q = torch.cat([q[:, :text_len], apply_rotary_emb(q[:, text_len:], rotary, sequence_dim=1)], 1)
+        k = torch.cat([k[:, :text_len], apply_rotary_emb(k[:, text_len:], rotary, sequence_dim=1)], 1)
+    return q, k, v
+
+
 class ParallelCogVideoXAttnProcessor:
     """Drop-in for diffusers' CogVideoXAttnProcessor2_0 whose attention runs through a ParallelContext."""
 
@@ -91,22 +111,10 @@ class ParallelCogVideoXAttnProcessor:
         if attention_mask is not None:
             raise NotImplementedError("CogVideoX attention takes no mask; padded tokens are cut off instead")
         text_len = encoder_hidden_states.size(1)
-        x = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        batch, seq, _ = x.shape
-        if getattr(attn, "fused_projections", False):
-            q, k, v = attn.to_qkv(x).chunk(3, dim=-1)
-        else:
-            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        head_dim = k.shape[-1] // attn.heads
-        q, k, v = (t.view(batch, seq, attn.heads, head_dim) for t in (q, k, v))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
-        if image_rotary_emb is not None:
-            q = torch.cat([q[:, :text_len], apply_rotary_emb(q[:, text_len:], image_rotary_emb, sequence_dim=1)], 1)
-            k = torch.cat([k[:, :text_len], apply_rotary_emb(k[:, text_len:], image_rotary_emb, sequence_dim=1)], 1)
-        out = self.context.attention(q, k, v, text_len).reshape(batch, seq, attn.heads * head_dim)
+        q, k, v = project_qkv(attn, torch.cat([encoder_hidden_states, hidden_states], dim=1), text_len,
+                              image_rotary_emb)
+        batch, seq = q.shape[:2]
+        out = self.context.attention(q, k, v, text_len).reshape(batch, seq, -1)
         out = attn.to_out[1](attn.to_out[0](out))
         encoder_out, out = out.split([text_len, seq - text_len], dim=1)
         return out, encoder_out

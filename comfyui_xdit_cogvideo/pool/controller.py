@@ -581,36 +581,18 @@ class WorkerPool:
             if self._listener is not None and (self.devices.kind != "remote" or final):
                 listener, self._listener = self._listener, None
         code = 0 if final else EXIT_RESTART
+        if graceful or self.devices.kind == "remote":
+            for entry in ranks:
+                if entry.channel is not None:
+                    try:
+                        entry.channel.send({"op": "exit", "code": code})
+                    except ChannelClosed:
+                        pass
         if graceful:
-            for entry in ranks:
-                if entry.channel is not None:
-                    try:
-                        entry.channel.send({"op": "exit", "code": code})
-                    except ChannelClosed:
-                        pass
-            deadline = time.monotonic() + 5.0
-            for entry in ranks:
-                if entry.proc is not None:
-                    try:
-                        entry.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-                    except subprocess.TimeoutExpired:
-                        pass
-        elif self.devices.kind == "remote":
-            for entry in ranks:
-                if entry.channel is not None:
-                    try:
-                        entry.channel.send({"op": "exit", "code": code})
-                    except ChannelClosed:
-                        pass
+            _wait_ranks(ranks, 5.0)
         _kill_ranks(ranks, signal.SIGTERM)
         _kill_ranks(ranks, getattr(signal, "SIGCONT", None))  # a stopped (SIGSTOP) worker must run to act on it
-        deadline = time.monotonic() + 3.0
-        for entry in ranks:
-            if entry.proc is not None:
-                try:
-                    entry.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+        _wait_ranks(ranks, 3.0)
         _kill_ranks(ranks, _SIGKILL)
         for entry in ranks:
             if entry.proc is not None:
@@ -921,6 +903,17 @@ def _request_wire(request: GenerationRequest) -> dict:
 
 
 _SIGKILL = getattr(signal, "SIGKILL", signal.SIGTERM)
+
+
+def _wait_ranks(ranks, seconds: float) -> None:
+    """Give local worker processes up to ``seconds`` (together) to exit on their own."""
+    deadline = time.monotonic() + seconds
+    for entry in ranks:
+        if entry.proc is not None:
+            try:
+                entry.proc.wait(timeout=max(0.05, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def _kill_ranks(ranks: list[_Rank], sig: int | None) -> None:
