@@ -88,23 +88,19 @@ class Channel:
     # -- connection setup --------------------------------------------------------------------------------
     @classmethod
     def connect(cls, host: str, port: int, key: bytes, timeout: float = 30.0) -> "Channel":
-        sock = socket.create_connection((host, port), timeout=timeout)
-        channel = cls(sock)
-        channel.sock.settimeout(timeout)
-        try:
-            channel._authenticate(key, initiator=False)
-        except BaseException:
-            channel.close()
-            raise
-        channel.sock.settimeout(None)
-        return channel
+        return cls._secured(socket.create_connection((host, port), timeout=timeout), key, timeout, initiator=False)
 
     @classmethod
     def accept(cls, sock: socket.socket, key: bytes, timeout: float = 30.0) -> "Channel":
+        return cls._secured(sock, key, timeout, initiator=True)
+
+    @classmethod
+    def _secured(cls, sock: socket.socket, key: bytes, timeout: float, initiator: bool) -> "Channel":
+        """A channel over ``sock`` once both ends proved they hold ``key`` (closed if they did not)."""
         channel = cls(sock)
         channel.sock.settimeout(timeout)
         try:
-            channel._authenticate(key, initiator=True)
+            channel._authenticate(key, initiator=initiator)
         except BaseException:
             channel.close()
             raise
