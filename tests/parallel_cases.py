@@ -28,6 +28,8 @@ CASES = {
 EIGHT_RANK_CASES = {
     "5b-8": ("5b", dict(frames=9, height=32, width=48), [L(2, 2, 2), L(2, 1, 4)]),
     "2b-uneven-6": ("2b", dict(frames=13, height=32, width=32), [L(2, 1, 3), L(2, 3, 1)]),
+    # World sizes 5, 6 and 7: 18 tokens padded to 20 and 21; ulysses 6 takes all 6 heads of the tiny model.
+    "1.5-odd": ("1.5", dict(frames=17, height=32, width=48), [L(1, 1, 5), L(1, 1, 7), L(1, 6, 1)]),
 }
 PROMPT, STEPS, SEED = "a cat playing piano at sunset", 3, 1234
 
