@@ -81,8 +81,9 @@ def validate_request(r: GenerationRequest, info: ModelInfo) -> None:
     for name in ("height", "width"):
         value = getattr(r, name)
         if value < step or value % step:
+            low = max(step, value // step * step)
             raise RequestError(f"{name} must be a positive multiple of {step} (VAE factor 8 x patch "
-                               f"{info.patch_size}), got {value}; e.g. {max(step, value // step * step)}")
+                               f"{info.patch_size}), got {value}; e.g. {low} or {low + step}")
     if info.learned_positions and (r.height, r.width, r.frames) != (*info.default_size, info.sample_frames):
         h, w = info.default_size
         raise RequestError(f"{info.variant} has learned positional embeddings and only runs at "

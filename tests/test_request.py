@@ -19,7 +19,7 @@ def infos(tiny_path):
 @pytest.mark.parametrize("change,match", [
     (dict(frames=10), r"frames must be 4k\+1 .* e.g. 9 or 13; got 10"),
     (dict(frames=0), "frames must be 4k"),
-    (dict(height=40), "height must be a positive multiple of 16 .* got 40"),
+    (dict(height=40), "height must be a positive multiple of 16 .* got 40; e.g. 32 or 48"),
     (dict(width=0), "width must be a positive multiple of 16"),
     (dict(steps=0), "steps must be between 1 and 1000"),
     (dict(guidance=-1.0), "guidance must be between 0 and 50"),
