@@ -7,6 +7,19 @@
 #   mkdir -p /tmp/cu13x && tar -xJf .fa4/cu13.tar.xz -C /tmp/cu13x
 # call 2 (same warm machine, within 30 s) carries [".whl", ".fa4/wheels", ".fa4/xfuser"] and sources this.
 # Users simply `pip install flash-attn-4`; this is only because the machine has no index and a 64 MiB carry.
+#
+# Making the carried folders (once, on a machine with the package index; keep them out of git with
+# `printf '/.whl/\n/.fa4/\n' >> .git/info/exclude`):
+#   D="python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#      --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+#      --platform manylinux2014_x86_64"
+#   $D -d .whl diffusers==0.42.1 yunchang==0.6.4 importlib_metadata==8.7.0 zipp==4.1.2
+#   $D -d .fa4/wheels flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 nvidia-cutlass-dsl-libs-base==4.8.1 \
+#      nvidia-cutlass-dsl-libs-core==4.8.1 quack-kernels==0.6.5 apache-tvm-ffi==0.1.15.post2 torch-c-dlpack-ext==0.1.5
+#   $D -d .fa4/xfuser xfuser==0.7.0 distvae==0.1.0 beautifulsoup4==4.15.0 soupsieve==4.1.3
+#   $D -d /tmp/cu13 nvidia-cutlass-dsl-libs-cu13==4.8.1 && mkdir -p /tmp/cu13/x && \
+#      (cd /tmp/cu13/x && unzip -q ../*.whl && XZ_OPT=-9e tar -cJf "$OLDPWD/.fa4/cu13.tar.xz" .)
+#   (the cu13 wheel is 92 MB, over the carry limit; its xz tarball is 61 MiB, so it travels alone in call 1)
 
 SITE=${SITE:-/tmp/site}
 CU13X=${CU13X:-/tmp/cu13x}
