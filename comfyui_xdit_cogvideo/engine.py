@@ -155,13 +155,22 @@ class CogVideoEngine:
         if r.prompt_embeds is not None and not need_negative:
             return r.prompt_embeds, r.negative_prompt_embeds
         shape = (1, self.info.text_len, self.info.text_dim)
+        pair, failure = torch.empty((2, *shape)), None
         if self.groups.is_leader:
-            positive, negative = self.encode_prompt(r.prompt or "", r.negative_prompt)
-            pair = torch.stack([positive, negative]).float().cpu()
-        else:
-            pair = torch.empty((2, *shape))
+            try:
+                positive, negative = self.encode_prompt(r.prompt or "", r.negative_prompt)
+                pair = torch.stack([positive, negative]).float().cpu()
+            except Exception as error:  # every rank must leave the broadcast below, then all raise
+                failure = error
         if self.groups.layout.world_size > 1:
-            dist.broadcast(pair, src=dist.get_global_rank(self.groups.control, 0), group=self.groups.control)
+            leader = dist.get_global_rank(self.groups.control, 0)
+            ok = torch.tensor([failure is None], dtype=torch.int32)
+            dist.broadcast(ok, src=leader, group=self.groups.control)
+            if not ok.item():
+                raise failure or RuntimeError("the leader rank failed to encode the prompt")
+            dist.broadcast(pair, src=leader, group=self.groups.control)
+        elif failure is not None:
+            raise failure
         positive = r.prompt_embeds if r.prompt_embeds is not None else pair[0]
         negative = r.negative_prompt_embeds if r.negative_prompt_embeds is not None else pair[1]
         return positive, negative
@@ -205,7 +214,7 @@ class CogVideoEngine:
             callback_on_step_end=step_end, callback_on_step_end_tensor_inputs=["latents"],
         )
         if self.info.image_to_video:
-            kwargs["image"] = r.image.permute(2, 0, 1).unsqueeze(0).float().clamp(0, 1)
+            kwargs["image"] = start_image(r.image, r.height, r.width)
         latents = pipe(**kwargs).frames
         if cancelled:
             raise GenerationCancelled("generation cancelled")
@@ -213,23 +222,31 @@ class CogVideoEngine:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, frames: int | None = None, tiled: bool = False) -> torch.Tensor:
-        """Video frames [F, H, W, 3] in 0..1 (first video of the batch), through the model's VAE.
+        """Video frames [F, H, W, 3] in 0..1 (first video of the batch), through the model's VAE, in this process.
 
         ``frames`` (the requested count) drops the temporal padding CogVideoX 1.5 adds, as the pipeline does.
         """
-        vae = self.vae
-        if frames is not None:
-            extra = latents.shape[1] - (frames - 1) // 4 - 1
-            if extra < 0:
-                raise ValueError(f"latents hold {latents.shape[1]} frames, fewer than {frames} video frames need")
-            latents = latents[:, extra:]
-        z = latents.to(self.device, vae.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
-        if tiled:
-            vae.enable_tiling()
+        from .vae_parallel import decode_latents
+
+        return decode_latents(self.vae, latents, frames, tiled=tiled)
+
+
+def start_image(image: torch.Tensor, height: int, width: int):
+    """The I2V start frame as the pipeline gets it: centre-cropped to the video's aspect ratio, as an 8-bit PIL
+    image, so diffusers resizes it with Lanczos (a tensor would be resized nearest-neighbour)."""
+    from PIL import Image
+
+    h, w = image.shape[0], image.shape[1]
+    target = width / height
+    if abs(w / h - target) >= 0.01:
+        if w / h > target:
+            new_w = max(1, round(h * target))
+            image = image[:, (w - new_w) // 2:(w - new_w) // 2 + new_w]
         else:
-            vae.disable_tiling()
-        video = vae.decode(z).sample
-        return ((video[0].float() / 2 + 0.5).clamp(0, 1)).permute(1, 2, 3, 0).cpu()
+            new_h = max(1, round(w / target))
+            image = image[(h - new_h) // 2:(h - new_h) // 2 + new_h]
+    pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    return Image.fromarray(pixels, "RGB")
 
 
 def expected_latent_shape(request: GenerationRequest, info) -> tuple[int, ...]:

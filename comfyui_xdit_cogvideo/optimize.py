@@ -232,11 +232,13 @@ class StepCache:
     def decide(self, first_residual: torch.Tensor, context) -> bool:
         """After block 0 of a step: skip the rest? (updates the reference when computing)."""
         skip = False
+        shard, groups = getattr(context, "shard", None), getattr(context, "groups", None)
+        if shard is not None and groups is not None:  # padded tokens must not sway the decision
+            first_residual = first_residual[:, :shard.local_tokens(groups.seq_idx)]
         if self.prev_first is not None and self.residual is not None and self.step >= self.warmup \
                 and self.run_of_skips < self.max_skips and self.prev_first.shape == first_residual.shape:
             sums = torch.stack([(first_residual - self.prev_first).abs().float().sum(),
                                 self.prev_first.abs().float().sum()])
-            groups = getattr(context, "groups", None)
             if groups is not None and groups.layout.world_size > 1:
                 import torch.distributed as dist
 

@@ -12,21 +12,6 @@ from .text import conditioning_to_embeds
 MAX_SIZE = 4096
 
 
-def center_crop(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """[H, W, 3] cropped around the centre to the aspect ratio of height x width (the pipeline then resizes)."""
-    h, w = image.shape[0], image.shape[1]
-    target = width / height
-    if abs(w / h - target) < 0.01:
-        return image
-    if w / h > target:
-        new_w = max(1, round(h * target))
-        left = (w - new_w) // 2
-        return image[:, left:left + new_w]
-    new_h = max(1, round(w / target))
-    top = (h - new_h) // 2
-    return image[top:top + new_h]
-
-
 def pool_world_size(pool, devices: str) -> int:
     """Ranks of the pool (without starting it when the devices string says)."""
     from .parallel import device_count
@@ -120,7 +105,7 @@ class Sampler(io.ComfyNode):
         if image is not None:
             if image.dim() == 4:
                 image = image[0]
-            start = center_crop(image[..., :3].float().cpu(), height, width).contiguous()
+            start = image[..., :3].float().cpu().contiguous()  # cropped to the aspect ratio by the engine
         request = eng.GenerationRequest(
             prompt_embeds=conditioning_to_embeds(positive, "positive", info.text_len, info.text_dim),
             negative_prompt_embeds=conditioning_to_embeds(negative, "negative", info.text_len, info.text_dim),

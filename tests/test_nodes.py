@@ -403,10 +403,11 @@ def test_image_to_video(comfy, parallel, tiny_path):
 
 
 def test_center_crop_and_preview(comfy):
-    sampler = sys.modules[comfy.pkg.__name__ + ".nodes.sampler"]
     common = comfy.nodes.common
-    assert sampler.center_crop(torch.rand(40, 90, 3), 32, 48).shape == (40, 60, 3)
-    assert sampler.center_crop(torch.rand(100, 48, 3), 32, 48).shape == (32, 48, 3)
+    from comfyui_xdit_cogvideo.engine import start_image
+
+    assert start_image(torch.rand(40, 90, 3), 32, 48).size == (60, 40)
+    assert start_image(torch.rand(100, 48, 3), 32, 48).size == (48, 32)
     assert common.latent_preview_image(torch.randn(16, 60, 90)).size == (270, 180)
     assert common.latent_preview_image(torch.rand(4, 16, 8, 8)).mode == "RGB"
     assert common.latent_preview_image(torch.rand(32, 48, 3)).size == (288, 192)

@@ -52,14 +52,24 @@ def _with_lse(q, k, v):
     elif q.dtype not in _HALF:
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
         lse = lse[..., :q.shape[1]]  # padded to a multiple of 32 queries
-    elif torch.backends.cudnn.is_available():
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            qt, kt, vt, None, True, 0.0, False, False
-        )[:2]
-        lse = lse.squeeze(-1) if lse.dim() == 4 else lse
     else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False)[:2]
+        out, lse = _half_with_lse(qt, kt, vt)
     return out.transpose(1, 2), lse
+
+
+def _half_with_lse(qt, kt, vt):
+    """cuDNN, else flash, else memory-efficient attention: the first that runs on this GPU and shape."""
+    if torch.backends.cudnn.is_available():
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qt, kt, vt, None, True, 0.0, False, False)[:2]
+            return out, (lse.squeeze(-1) if lse.dim() == 4 else lse)
+        except RuntimeError:
+            pass
+    try:
+        return torch.ops.aten._scaled_dot_product_flash_attention(qt, kt, vt, 0.0, False, False)[:2]
+    except RuntimeError:
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(qt, kt, vt, None, True)[:2]
+        return out, lse[..., :qt.shape[2]]  # padded to a multiple of 32 queries
 
 
 def _cpu_exact(q, k, v, lse):

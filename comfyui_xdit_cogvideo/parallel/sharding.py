@@ -37,6 +37,10 @@ class SequenceShard:
         """Real (unpadded) tokens in ring block ``ring_idx``."""
         return max(0, min(self.ring_block, self.tokens - ring_idx * self.ring_block))
 
+    def local_tokens(self, seq_idx: int) -> int:
+        """Real (unpadded) tokens in sequence rank ``seq_idx``'s chunk."""
+        return max(0, min(self.chunk, self.tokens - seq_idx * self.chunk))
+
     def local(self, x: torch.Tensor, seq_idx: int, dim: int = 1) -> torch.Tensor:
         """This rank's chunk of ``x`` along ``dim`` (which holds all ``tokens``)."""
         if x.shape[dim] != self.tokens:

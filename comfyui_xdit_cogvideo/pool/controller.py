@@ -733,6 +733,7 @@ class WorkerPool:
         pending = {entry.rank for entry in targets}
         by_rank = {entry.rank: entry for entry in targets}
         result, error, cancelled, caller_error = None, None, False, None
+        failures = set()  # distinct (type, message) of the ranks that raised
         cancel_sent, error_deadline = False, None
         last_activity = time.monotonic()
 
@@ -806,7 +807,9 @@ class WorkerPool:
                     status = msg.get("status")
                     if status == "cancelled":
                         cancelled = True
-                    elif status == "error" and error is None:
+                    elif status == "error":
+                        failures.add((msg.get("type"), msg.get("message", "")))
+                    if status == "error" and error is None:
                         error = WorkerError(rank, msg.get("message", ""), msg.get("traceback", ""), msg.get("type"),
                                             where=by_rank[rank].where())
                         error_deadline = time.monotonic() + self.error_grace
@@ -820,6 +823,10 @@ class WorkerPool:
             if pending:
                 self._teardown(f"rank {getattr(error, 'rank', '?')} failed while others were still running",
                                graceful=False, expect=generation)
+            elif len(failures) > 1:
+                # Ranks that failed differently may have stopped at different collectives: unmatched NCCL calls
+                # would pair up with the next job's. Only the same error on every rank keeps the pool.
+                self._teardown("ranks failed with different errors", graceful=False, expect=generation)
             with self._lock:
                 self._last_error = str(error).split("\n--- worker traceback")[0]
         if caller_error is not None:  # the caller stopped the job (e.g. Ctrl-C): that is what it must see

@@ -120,7 +120,10 @@ class Worker:
     def _heartbeats(self) -> None:
         while True:
             time.sleep(self.heartbeat)
-            self._send(self.snapshot())
+            try:
+                self._send(self.snapshot())
+            except Exception:  # a snapshot racing a model swap must not end the heartbeats (the pool would
+                log.exception("rank %d: heartbeat failed", self.rank)  # then declare this rank frozen)
 
     def _watchdog(self) -> None:
         while True:
@@ -134,14 +137,13 @@ class Worker:
                 self._lost(f"no message from the controller for {self.controller_timeout:.0f} s")
 
     def snapshot(self) -> dict:
-        model = None
-        if self.engine_key is not None:
-            path, vae, text_encoder, dtype = self.engine_key
+        model = layout = None
+        engine, key = self.engine, self.engine_key  # read once: a job thread may swap them meanwhile
+        if engine is not None and key is not None:
+            path, vae, text_encoder, dtype = key
             model = {"path": path, "vae": vae, "text_encoder": text_encoder, "dtype": dtype,
-                     "attention": self.attention, "variant": self.engine.info.variant}
-        layout = None
-        if self.engine is not None:
-            lay = self.engine.groups.layout
+                     "attention": self.attention, "variant": engine.info.variant}
+            lay = engine.groups.layout
             layout = [lay.cfg, lay.ulysses, lay.ring]
         return {"op": "hb", "rank": self.rank, "state": self.state, "job": self.job, "step": list(self.step),
                 "memory": _memory(self.device), "model": model, "layout": layout, "loads": self.loads,
@@ -166,7 +168,7 @@ class Worker:
         if self.engine is not None and self.engine_key == key:
             return self.engine
         self._free_engine()
-        if self.vae_key is not None and self.vae_key[:3] != key:
+        if self.vae_key is not None and self.vae_key != key:
             self.vae = self.vae_key = None
         previous, self.state = self.state, "loading"
         if report:
