@@ -1,6 +1,6 @@
 """Pool check on one CUDA GPU: CLI-free pool job, resident model, equality with the in-process engine, tiled
 decode, kill -9 recovery. Run on the GPU machine (log: benchmarks/results/2026-11-29-h200/pool_gpu_check.log)."""
-import os, sys, time, json, signal, threading
+import os, time, json, signal, threading
 os.environ.setdefault("XDIT_COGVIDEO_CACHE", "/tmp/xdc")
 os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync"   # what ComfyUI sets for itself
 import torch, psutil

@@ -23,7 +23,7 @@ def load(folder: Path) -> dict:
 
 
 def variants_table(runs: dict, model: str, calls: list[str]) -> list[str]:
-    lines = [f"| configuration | s/step | TFLOP/s | of 790 peak | peak GiB | vs diffusers rel. L2 / max abs | run |",
+    lines = ["| configuration | s/step | TFLOP/s | of 790 peak | peak GiB | vs diffusers rel. L2 / max abs | run |",
              "|---|---|---|---|---|---|---|"]
     for call in calls:
         data = runs.get(call, {}).get("models", {}).get(model, {})
@@ -44,8 +44,8 @@ def predictions(runs: dict, model: str, base_step: float, base_name: str) -> lis
     size = runs["call2"]["models"][model]["build"]["size"]
     video = tokens_for(config, size)
     single = scaling["single"]["blocks_eager_s"]
-    lines = [f"| GPUs | layout | chooser | rank blocks (sim) | comm GB/step/rank | comm s | predicted s/step | "
-             f"predicted speed-up | efficiency | with ring overlap |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| GPUs | layout | chooser | rank blocks (sim) | comm GB/step/rank | comm s | predicted s/step | "
+             "predicted speed-up | efficiency | with ring overlap |", "|---|---|---|---|---|---|---|---|---|---|"]
     out = []
     for row in scaling["layouts"]:
         cfg, u, r = (int(x[len(n):]) for x, n in zip(row["layout"].split(" x "), ("cfg", "ulysses", "ring")))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from .common import (CATEGORY, DEFAULT_PARALLEL, LATENT_KEY, SCHEDULERS, ModelType, ParallelType, check_choice,

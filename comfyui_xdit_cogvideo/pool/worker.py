@@ -363,7 +363,7 @@ def _connect(host: str, port: int, key: bytes, deadline: float) -> Channel:
             if isinstance(error, ConnectionError) and "key" in str(error):
                 raise
             if time.monotonic() > deadline:
-                raise SystemExit(f"error: cannot reach the pool controller at {host}:{port}: {error}")
+                raise SystemExit(f"error: cannot reach the pool controller at {host}:{port}: {error}") from None
             time.sleep(1.0)
 
 
