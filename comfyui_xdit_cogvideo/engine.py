@@ -17,7 +17,7 @@ from .loading import (ModelSource, load_scheduler, load_text_encoder, load_trans
                       parse_dtype)
 from .parallel import ParallelGroups, parallelize_transformer
 from .parallel.kernels import resolve_kernel
-from .request import GenerationRequest, latent_frames
+from .request import GenerationRequest
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -247,8 +247,3 @@ def start_image(image: torch.Tensor, height: int, width: int):
             image = image[(h - new_h) // 2:(h - new_h) // 2 + new_h]
     pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
     return Image.fromarray(pixels, "RGB")
-
-
-def expected_latent_shape(request: GenerationRequest, info) -> tuple[int, ...]:
-    r = request.resolved(info)
-    return (1, latent_frames(r.frames, info), info.latent_channels, r.height // 8, r.width // 8)

@@ -48,20 +48,6 @@ class GenerationRequest:
         return request
 
 
-def latent_frames(frames: int, info: ModelInfo) -> int:
-    """Latent frames the transformer sees (1.5 pads to a multiple of its temporal patch)."""
-    n = (frames - 1) // 4 + 1
-    if info.patch_size_t and n % info.patch_size_t:
-        n += info.patch_size_t - n % info.patch_size_t
-    return n
-
-
-def video_tokens(request: GenerationRequest, info: ModelInfo) -> int:
-    p = info.patch_size
-    return (latent_frames(request.frames, info) // (info.patch_size_t or 1)) * (request.height // 8 // p) * (
-        request.width // 8 // p)
-
-
 def validate_request(r: GenerationRequest, info: ModelInfo) -> None:
     if r.prompt is None and r.prompt_embeds is None:
         raise RequestError("give a prompt (text) or prompt_embeds")
