@@ -15,11 +15,13 @@ all-gather bandwidth (256 MiB per rank) for comparison with the predictions in B
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
 import time
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -80,6 +82,9 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=540)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--pg-timeout", type=float, default=300, help="process-group timeout, seconds")
+    p.add_argument("--stack-dump", type=float, default=0,
+                   help="every N seconds, dump every thread's stack to STACKS_DIR/stacks_rank<R>.txt (hang hunting)")
     args = p.parse_args(argv)
     start = time.time()
 
@@ -91,8 +96,15 @@ def main(argv=None):
     device = torch.device(f"cuda:{local}") if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    # no device_id: see ParallelGroups.create (a bound default group hangs layouts over fewer ranks)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=args.pg_timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
+    if args.stack_dump:
+        stacks = Path(os.environ.get("STACKS_DIR", ".")) / f"stacks_rank{rank}.txt"
+        faulthandler.dump_traceback_later(args.stack_dump, repeat=True, file=open(stacks, "w"))
+
+    def trace(message: str) -> None:
+        print(f"[rank {rank} {time.time() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
     dtype = torch.bfloat16 if cuda else torch.float32
     out = {"world": world, "command": " ".join(sys.argv), "models": {}}
 
@@ -129,7 +141,9 @@ def main(argv=None):
             if time.time() - start > args.budget:
                 res["layouts"][key] = {"skipped": "time budget"}
                 continue
+            trace(f"{name} {key}: creating groups")
             groups = ParallelGroups.create(layout)  # every rank takes part; non-members get None
+            trace(f"{name} {key}: groups created (member: {groups is not None})")
             row = {}
             try:
                 if groups is not None:
@@ -138,7 +152,9 @@ def main(argv=None):
                     timer = StepTimer(device)
                     reset_peak(device)
                     timer.begin()
+                    trace(f"{name} {key}: engine ready ({engine.attention}), generating")
                     latents = engine.generate(request, on_step=lambda *a: timer.step())
+                    trace(f"{name} {key}: generated")
                     times = timer.times() if rank == 0 else []
                     if rank == 0:
                         med = median_after(times, args.warmup)
@@ -161,6 +177,7 @@ def main(argv=None):
                 log(f"{name} {key}: {row.get('s_per_step')} s/step x{row.get('speedup')} "
                     f"{row.get('vs_single_gpu', {}).get('rel_l2')} {row.get('error', '')}")
                 save()
+            trace(f"{name} {key}: barrier")
             dist.barrier()
         del transformer
         if cuda:

@@ -431,10 +431,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        kwargs = {"device_id": device} if backend == "nccl" else {}
         timeout = timedelta(seconds=args.pg_timeout)
+        # No device_id: a bound default group makes torch split every NCCL subgroup from it, and non-members of
+        # a gloo subgroup then split alone and hang (see ParallelGroups.create).
         dist.init_process_group(backend, store=_store(rank, world, timeout, str(welcome.get("session", ""))),
-                                rank=rank, world_size=world, timeout=timeout, **kwargs)
+                                rank=rank, world_size=world, timeout=timeout)
     except Exception as error:
         channel.send({"op": "ready", "ok": False, "type": type(error).__name__, "message": str(error),
                       "traceback": traceback.format_exc()})
