@@ -1,12 +1,13 @@
 #!/bin/bash
 # The 2-GPU run of issue 18 on nvidia-h200-x2, in stages that each fit one device call; later stages need the
 # machine the earlier ones prepared (call each right after the last, while the machine is warm). Logs under $OUT.
-#   A  carry [.whl, .fa4/p1]          hang-fix check without FA4, then random full-size model folders (2b, 5b)
+#   A  carry [.whl, .fa4/p1]          hang-fix check through the pool (tiny, one rank of two, then every
+#                                     layout), then random full-size model folders (2b, 5b)
 #   B  carry [.fa4/p2, .fa4/wheels, .fa4/xfuser]   FA4 set-up; multi_gpu.py (every layout vs 1 GPU, both models);
 #                                     xfuser 0.7.0 at 2 GPUs (cfg, ulysses 2, ring 2)
 #   C  carry [.fa4/ffmpeg]            pool_bench 2b (diffusers, 1 GPU, 2 GPUs x layouts, whole 50-step jobs);
 #                                     one CLI job on --gpus 0,1
-#   D  (nothing)                      pool_bench 5b
+#   D  (nothing)                      pool_bench 5b (diffusers and 2 GPUs; 1-GPU s/step comes from stage B)
 # .fa4/p1 and .fa4/p2 are the two halves of the nvidia-cutlass-dsl-libs-cu13 wheel (`split -b 46M`; 92 MB is over
 # one call's carry); fa4_setup.sh says how to make the other folders.
 stage=$1
@@ -23,9 +24,6 @@ if [ "$stage" = A ]; then
   cp .fa4/p1/part.aa /tmp/cu13.part.aa
   export PYTHONPATH=/tmp/site:$PWD
   nvidia-smi --query-gpu=name,driver_version,memory.used --format=csv,noheader
-  timeout -k 5 150 torchrun --nproc_per_node=2 benchmarks/multi_gpu.py --out "$OUT/A_plain.json" --models 2b \
-      --layouts auto --steps 2b=3 --warmup 1 --optimize none --attention cudnn --pg-timeout 60 > "$OUT/A_plain.log" 2>&1
-  say "multi_gpu plain rc=$?"; grep "^\[ " "$OUT/A_plain.log"
   timeout -k 5 150 python3 benchmarks/pool_bench.py --tiny --pools "0,1=1,cfg2,ulysses2,ring2" \
       --models 5b --steps 6 --cold-steps 2 --no-diffusers --models-dir /tmp/models --out "$OUT/A_pool_tiny.json" \
       > "$OUT/A_pool_tiny.log" 2>&1
@@ -46,7 +44,7 @@ if [ "$stage" = B ]; then
   . benchmarks/fa4_setup.sh
   say "fa4 set up"
   timeout -k 5 250 torchrun --nproc_per_node=2 benchmarks/multi_gpu.py --out "$OUT/B_multi_gpu.json" \
-      --models 2b,5b --layouts auto --steps 2b=8,5b=6 --warmup 2 --pg-timeout 200 --budget 225 --bandwidth \
+      --models 2b,5b --layouts auto --steps 2b=7,5b=6 --warmup 2 --pg-timeout 200 --budget 215 --bandwidth \
       > "$OUT/B_multi_gpu.log" 2>&1
   say "multi_gpu rc=$?"; grep "^\[ \|bandwidth" "$OUT/B_multi_gpu.log"
   for flags in "--cfg" "--ulysses 2" "--ring 2"; do
@@ -65,7 +63,7 @@ fi
 if [ "$stage" = C ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/ffmpeg .fa4/ffmpeg/*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/ffmpeg
-  timeout -k 5 330 python3 benchmarks/pool_bench.py --models 2b --pools "0=1;0,1=cfg2,ulysses2,ring2" \
+  timeout -k 5 330 python3 benchmarks/pool_bench.py --models 2b --pools "0=1;0,1=cfg2,ulysses2,ring2" --cold-steps 2 \
       --models-dir /tmp/models --out "$OUT/C_pool_2b.json" > "$OUT/C_pool_2b.log" 2>&1
   say "pool_bench 2b rc=$?"; grep "^\[" "$OUT/C_pool_2b.log" | cut -c1-400
   /usr/bin/time -v timeout -k 5 150 python3 -m comfyui_xdit_cogvideo generate --model /tmp/models/2b --gpus 0,1 \
@@ -75,7 +73,7 @@ if [ "$stage" = C ]; then
 fi
 
 if [ "$stage" = D ]; then
-  timeout -k 5 560 python3 benchmarks/pool_bench.py --models 5b --pools "0=1;0,1=cfg2,ulysses2,ring2" \
+  timeout -k 5 500 python3 benchmarks/pool_bench.py --models 5b --pools "0,1=cfg2,ulysses2,ring2" --cold-steps 2 \
       --models-dir /tmp/models --out "$OUT/D_pool_5b.json" > "$OUT/D_pool_5b.log" 2>&1
   say "pool_bench 5b rc=$?"; grep "^\[" "$OUT/D_pool_5b.log" | cut -c1-400
 fi
