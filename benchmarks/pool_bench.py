@@ -57,6 +57,7 @@ def step_seconds(stamps: list[float], warmup: int) -> float | None:
     return round(statistics.median(gaps), 4) if gaps else None
 
 
+@torch.no_grad()
 def diffusers_job(folder: Path, args, size) -> dict:
     """Plain diffusers on the first GPU: warm-up, then one timed whole job (T5 + steps + decode)."""
     from diffusers import CogVideoXPipeline

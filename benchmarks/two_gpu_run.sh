@@ -66,7 +66,7 @@ if [ "$stage" = C ]; then
   timeout -k 5 330 python3 benchmarks/pool_bench.py --models 2b --pools "0=1;0,1=cfg2,ulysses2,ring2" --cold-steps 2 \
       --models-dir /tmp/models --out "$OUT/C_pool_2b.json" > "$OUT/C_pool_2b.log" 2>&1
   say "pool_bench 2b rc=$?"; grep "^\[" "$OUT/C_pool_2b.log" | cut -c1-400
-  /usr/bin/time -v timeout -k 5 150 python3 -m comfyui_xdit_cogvideo generate --model /tmp/models/2b --gpus 0,1 \
+  [ -n "$SKIP_CLI" ] || /usr/bin/time -v timeout -k 5 150 python3 -m comfyui_xdit_cogvideo generate --model /tmp/models/2b --gpus 0,1 \
       --prompt "a red fox running through fresh snow" --steps 50 --output "$OUT/C_cli_2gpu.mp4" \
       > "$OUT/C_cli.log" 2> "$OUT/C_cli.err"
   say "CLI rc=$?"; cat "$OUT/C_cli.log"; grep -v "^\s" "$OUT/C_cli.err" | tail -5; grep "Elapsed" "$OUT/C_cli.err"
