@@ -62,7 +62,7 @@ def check_positions(info, height: int, width: int, label: str | None = None) -> 
     if height > max_h or width > max_w:
         patch = 8 * info.patch_size
         raise LimitError(
-            f"{label or info.variant} runs at most {max_h} x {max_w} pixels (height x width), got {height} x {width}: "
+            f"{label or info.display} runs at most {max_h} x {max_w} pixels (height x width), got {height} x {width}: "
             f"CogVideoX 1.5's 3D RoPE covers {max_h // patch} x {max_w // patch} patches of {patch} px (its config's "
             "sample_height x sample_width latents), as in diffusers' pipeline")
 
@@ -157,7 +157,7 @@ def check_memory(info, request, layout, dtype: str, resolved, devices, *, decode
     available = device_memory(devices)
     if not available:
         return leader
-    what = (f"{label or info.variant} at {request.frames} x {request.height} x {request.width} in {dtype} "
+    what = (f"{label or info.display} at {request.frames} x {request.height} x {request.width} in {dtype} "
             f"(layout {layout})")
     if devices.kind == "cpu":
         need = leader.total + other.total * (layout.world_size - 1)

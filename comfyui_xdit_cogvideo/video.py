@@ -54,10 +54,10 @@ def check_fps(fps) -> float:
 def check_video_path(path: str | Path) -> Path:
     """The output path if its container is supported and its folder exists and is writable, else VideoWriteError."""
     path = Path(path)
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise VideoWriteError(f"video files must end with {', '.join(VIDEO_SUFFIXES)} (H.264), got {str(path)!r}")
     if path.is_dir():
         raise VideoWriteError(f"{str(path)!r} is a directory; give a file name such as {str(path / 'out.mp4')!r}")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise VideoWriteError(f"video files must end with {', '.join(VIDEO_SUFFIXES)} (H.264), got {str(path)!r}")
     folder = path.parent
     if not folder.is_dir():
         raise VideoWriteError(f"folder {str(folder)!r} does not exist")
@@ -142,7 +142,7 @@ def _run_ffmpeg(cmd: list[str], data: np.ndarray, shown: Path) -> None:
         lines = [re.sub(r"^(\[[^]]*\]\s*)+", "", line).strip() for line in text.splitlines()]
         lines = [line for line in lines if line]
         reason = lines[0] if lines else f"exit status {code}"
-        raise VideoWriteError(f"ffmpeg could not write {str(shown)!r}: {reason}")
+        raise VideoWriteError(f"ffmpeg could not write {str(shown)!r}: {reason.replace(cmd[-1], str(shown))}")
 
 
 def check_writable(path: str | Path, height: int, width: int, fps: float) -> Path:
