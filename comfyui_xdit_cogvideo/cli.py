@@ -1,6 +1,6 @@
 """``python -m comfyui_xdit_cogvideo``: generate videos through the worker pool, show a pool, run a worker.
 
-    comfyui-xdit-cogvideo generate --model tiny --prompt "a cat" --output cat.mp4     # or python -m comfyui_xdit_cogvideo
+    comfyui-xdit-cogvideo generate --model tiny --prompt "a cat" --output cat.mp4   # = python -m comfyui_xdit_cogvideo
     python -m comfyui_xdit_cogvideo generate --model /models/CogVideoX-5b --prompt "..." --gpus 0,1,2,3 \\
         --ulysses 2 --output out.mp4 --latents-out out.safetensors
     python -m comfyui_xdit_cogvideo pool-status --devices auto

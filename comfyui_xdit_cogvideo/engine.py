@@ -221,9 +221,9 @@ class CogVideoEngine:
         if cancelled:
             raise GenerationCancelled("generation cancelled")
         if not torch.isfinite(latents).all():  # decoded, these give a black video that looks like success
-            raise FloatingPointError(
-                f"sampling produced NaN or infinite latents ({self.info.variant}, {str(self.dtype).removeprefix('torch.')}); "
-                "fp16 overflows in CogVideoX: use bf16 or fp32, or check the weights")
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise FloatingPointError(f"sampling produced NaN or infinite latents ({self.info.variant}, {dtype}); "
+                                     "fp16 overflows in CogVideoX: use bf16 or fp32, or check the weights")
         return latents.cpu()
 
     @torch.no_grad()

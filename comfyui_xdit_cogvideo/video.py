@@ -104,7 +104,7 @@ def write_video(path: str | Path, frames, fps: float = 8, crf: int = 18, codec: 
     try:
         _run_ffmpeg(cmd, data, path)
         if not partial.is_file() or partial.stat().st_size == 0:
-            raise VideoWriteError(f"ffmpeg reported success but wrote no data to {str(path)!r}")
+            raise VideoWriteError(f"ffmpeg exited without error but left {str(path)!r} missing or empty")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

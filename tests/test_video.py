@@ -42,7 +42,7 @@ def test_ffmpeg_that_succeeds_without_writing_is_an_error(tmp_path, monkeypatch)
     fake.write_text("#!/bin/sh\ncat > /dev/null\nexit 0\n")
     fake.chmod(0o755)
     monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
-    with pytest.raises(VideoWriteError, match="ffmpeg reported success but wrote no data"):
+    with pytest.raises(VideoWriteError, match="ffmpeg exited without error but left .* missing or empty"):
         write_video(tmp_path / "v.mp4", FRAMES)
     assert not (tmp_path / "v.mp4").exists()
 
