@@ -1,25 +1,31 @@
 """``python -m comfyui_xdit_cogvideo``: generate videos through the worker pool, show a pool, run a worker.
 
-    python -m comfyui_xdit_cogvideo generate --model tiny --prompt "a cat" --output cat.mp4
+    comfyui-xdit-cogvideo generate --model tiny --prompt "a cat" --output cat.mp4   # = python -m comfyui_xdit_cogvideo
     python -m comfyui_xdit_cogvideo generate --model /models/CogVideoX-5b --prompt "..." --gpus 0,1,2,3 \\
         --ulysses 2 --output out.mp4 --latents-out out.safetensors
     python -m comfyui_xdit_cogvideo pool-status --devices auto
     torchrun ... -m comfyui_xdit_cogvideo worker --connect HOST:PORT      # a rank on another host
 
 Every failure ends with one ``error: ...`` line on stderr and a non-zero exit code (1; 2 for bad usage; 130
-when interrupted). Bad models, requests and layouts are rejected before any worker starts.
+when interrupted). Bad inputs, models, requests, layouts, limits and output paths are rejected before any model
+is built and any worker starts. ``generate`` prints one JSON line to stdout; everything for people goes to stderr.
+Third-party warnings and progress bars (here and in the workers) are hidden unless ``--verbose``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+PROG = "comfyui-xdit-cogvideo"  # the console script; ``python -m comfyui_xdit_cogvideo`` passes its own name
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")  # kept in step with video.VIDEO_SUFFIXES (imported lazily)
 
 
 class CliError(Exception):
@@ -31,8 +37,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m comfyui_xdit_cogvideo",
+def _build_parser(prog: str = PROG) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog,
                      description="Multi-GPU CogVideoX (Ulysses/Ring sequence parallel + CFG parallel).")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -70,14 +76,15 @@ def _build_parser() -> argparse.ArgumentParser:
     par.add_argument("--ring", type=int, help="Ring degree")
     par.add_argument("--cfg", type=int, choices=[1, 2], help="CFG-parallel degree")
     out = g.add_argument_group("output")
-    out.add_argument("--output", help="video file (.mp4)")
+    out.add_argument("--output", help="H.264 video file: .mp4, .mov or .mkv")
     out.add_argument("--latents-out", help="safetensors file with key 'latents'")
     out.add_argument("--fps", type=float, help="default: 8 for CogVideoX 1.0, 16 for 1.5")
     out.add_argument("--decode", choices=["auto", "tiled", "plain"], default="auto",
                      help="VAE decode: tiles spread over all ranks, or plain on rank 0 (auto: tiled with >1 rank)")
     out.add_argument("--tile", help="decode tile size in pixels, HxW (default: the VAE's, 240x360)")
-    out.add_argument("--quiet", action="store_true", help="no progress lines")
-    out.add_argument("--verbose", action="store_true", help="show worker output and tracebacks on failure")
+    out.add_argument("--quiet", action="store_true", help="no progress or other lines on stderr (errors only)")
+    out.add_argument("--verbose", action="store_true",
+                     help="show worker output, third-party warnings and progress bars, and tracebacks on failure")
 
     s = sub.add_parser("pool-status", help="start a pool on some devices and show it",
                        description="Start the worker pool, print its status (ranks, pids, devices, memory), stop it.")
@@ -85,22 +92,54 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="also load this model (dtype per --dtype) and show memory with it resident")
     s.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None)
     s.add_argument("--json", action="store_true", help="print the status as JSON")
+    s.add_argument("--verbose", action="store_true", help="show worker output and third-party warnings")
 
     sub.add_parser("worker", help="run one pool worker (under torchrun, to add ranks on other hosts)",
                    add_help=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    """Run the command line; returns the exit code. ``prog`` is how usage lines name the command."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:
         from .pool.worker import main as worker_main
 
         return worker_main(argv[1:])
     try:
-        args = _build_parser().parse_args(argv)
+        args = _build_parser(prog).parse_args(argv)
     except SystemExit as stop:  # --help (0) or a usage error (2), already printed
         return stop.code if isinstance(stop.code, int) else 2
+    with contextlib.ExitStack() as stack:
+        if not getattr(args, "verbose", False):
+            stack.enter_context(_third_party_quiet())
+        return _run(args)
+
+
+# Read by huggingface_hub, transformers, diffusers, tqdm and Python itself, here and in the workers (which inherit
+# the environment): no progress bars, no warnings, no info logs from libraries.
+_QUIET_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error",
+              "DIFFUSERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+
+
+@contextlib.contextmanager
+def _third_party_quiet():
+    """Third-party warnings and progress bars stay off our stderr for the duration of one command."""
+    saved = {k: os.environ.get(k) for k in _QUIET_ENV}
+    os.environ.update(_QUIET_ENV)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _run(args) -> int:
     import logging
 
     if getattr(args, "verbose", False):
@@ -183,14 +222,22 @@ def _parse_tile(text: str | None):
     return Tiling(height, width, max(1, round(lh / 6)) / lh, max(1, round(lw / 5)) / lw)
 
 
+def _input_file(path: str, flag: str, expected: str) -> Path:
+    """``path`` as an existing file, or a CliError saying what is wrong with it and what ``flag`` expects."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise CliError(f"{flag} {path!r} is a directory; give {expected}")
+    if not file.is_file():
+        raise CliError(f"{flag} {path!r} does not exist; give {expected}")
+    return file
+
+
 def _load_image(path: str):
     import numpy as np
     import torch
     from PIL import Image
 
-    file = Path(path)
-    if not file.is_file():
-        raise CliError(f"--image {path!r} does not exist")
+    file = _input_file(path, "--image", "an image file (PNG, JPEG, WebP, ...)")
     try:
         with Image.open(file) as img:
             array = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
@@ -202,9 +249,7 @@ def _load_image(path: str):
 def _load_embeds(path: str):
     from safetensors.torch import load_file
 
-    file = Path(path)
-    if not file.is_file():
-        raise CliError(f"--embeds {path!r} does not exist")
+    file = _input_file(path, "--embeds", "a .safetensors file with prompt_embeds [1, 226, D]")
     try:
         tensors = load_file(str(file))
     except Exception as error:
@@ -214,20 +259,34 @@ def _load_embeds(path: str):
     return tensors["prompt_embeds"], tensors.get("negative_prompt_embeds")
 
 
+def _check_model_paths(args) -> None:
+    """--vae and --text-encoder name themselves when they point nowhere (before any model is built)."""
+    for flag, value, expected in (("--vae", args.vae, "a diffusers vae/ folder or a VAE .safetensors file"),
+                                  ("--text-encoder", args.text_encoder,
+                                   "a T5 folder (config.json, weights and its tokenizer)")):
+        if value is not None and not Path(value).expanduser().exists():
+            raise CliError(f"{flag} {value!r} does not exist; give {expected}")
+
+
 def _check_output(path: str | None, suffixes: tuple[str, ...], flag: str) -> Path | None:
     if path is None:
         return None
-    file = Path(path)
+    file = Path(path).expanduser()
     if file.suffix.lower() not in suffixes:
         raise CliError(f"{flag} must end with {' or '.join(suffixes)}, got {path!r}")
     if file.is_dir():
-        raise CliError(f"{flag} {path!r} is a directory")
-    parent = file.parent if str(file.parent) else Path(".")
-    if not parent.exists():
+        raise CliError(f"{flag} {path!r} is a directory; give a file name inside it")
+    parent = file.parent
+    if not parent.is_dir():
         raise CliError(f"{flag}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK):
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise CliError(f"{flag}: folder {str(parent)!r} is not writable")
     return file
+
+
+def _check_fps(value: float | None) -> None:
+    if value is not None and (not math.isfinite(value) or not 0 < value <= 1000):
+        raise CliError(f"--fps must be a number above 0 and at most 1000 (e.g. 8 or 16), got {value:g}")
 
 
 class _Progress:
@@ -260,29 +319,46 @@ class _Progress:
 
 
 def _generate(args) -> int:
-    from .layout import choose_layout
-    from .loading import ModelSource, read_model_info
-    from .parallel.kernels import resolve_kernel
-    from .pool import ModelSpec, get_pool, parse_devices
-    from .request import GenerationRequest
-    from .video import write_video
-
+    # Everything the user typed is checked first, in this order, before any model is built (tiny models are built
+    # on first use) and before any worker starts: output paths and fps, then input files, devices, model paths.
     output = _check_output(args.output, VIDEO_SUFFIXES, "--output")
     latents_out = _check_output(args.latents_out, (".safetensors",), "--latents-out")
     if output is None and latents_out is None:
         raise CliError("nothing to write: give --output FILE.mp4 and/or --latents-out FILE.safetensors")
-    devices, kind = _devices(args)
-    dtype = args.dtype or ("bf16" if kind == "cuda" else "fp32")
-    spec = ModelSpec(ModelSource(args.model, vae=args.vae, text_encoder=args.text_encoder), dtype, args.attention)
-    spec.validate()
-    info = read_model_info(spec.source)
-    resolved_source = spec.source.resolve()
-    if output is not None and resolved_source.vae is None:
-        raise CliError("--output needs the model's VAE, which this model lacks; pass --vae or use --latents-out")
+    _check_fps(args.fps)
+    if output is not None:
+        from .video import VideoWriteError, ffmpeg_exe
+
+        try:
+            ffmpeg_exe()
+        except VideoWriteError as error:
+            raise CliError(f"--output: {error}") from None
+    tiling = _parse_tile(args.tile)
     prompt_embeds = negative_embeds = None
     if args.embeds:
         prompt_embeds, negative_embeds = _load_embeds(args.embeds)
     image = _load_image(args.image) if args.image else None
+    _check_model_paths(args)
+    devices, kind = _devices(args)
+
+    from .layout import choose_layout
+    from .limits import check_memory
+    from .loading import ModelSource, read_model_info
+    from .parallel.kernels import resolve_kernel
+    from .pool import ModelSpec, get_pool, parse_devices
+    from .request import GenerationRequest
+
+    dtype = args.dtype or ("bf16" if kind == "cuda" else "fp32")
+    spec = ModelSpec(ModelSource(args.model, vae=args.vae, text_encoder=args.text_encoder), dtype, args.attention)
+    spec.validate()
+    try:
+        resolve_kernel(args.attention, "cuda" if kind == "cuda" else "cpu")
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    info = read_model_info(spec.source)
+    resolved_source = spec.source.resolve()
+    if output is not None and resolved_source.vae is None:
+        raise CliError("--output needs the model's VAE, which this model lacks; pass --vae or use --latents-out")
     request = GenerationRequest(
         prompt=args.prompt, negative_prompt=args.negative_prompt, prompt_embeds=prompt_embeds,
         negative_prompt_embeds=negative_embeds, frames=args.frames, height=args.height, width=args.width,
@@ -290,19 +366,28 @@ def _generate(args) -> int:
         dynamic_cfg=args.dynamic_cfg, image=image,
     )
     resolved = request.resolved(info)
-    tiling = _parse_tile(args.tile)
-    world = parse_devices(devices).world_size
+    pool_devices = parse_devices(devices)
+    world = pool_devices.world_size
     layout = choose_layout(world, heads=info.heads, use_cfg=resolved.use_cfg, cfg=args.cfg, ulysses=args.ulysses,
                            ring=args.ring)
-    try:
-        resolve_kernel(args.attention, "cuda" if kind == "cuda" else "cpu")
-    except ValueError as error:
-        raise CliError(str(error)) from None
+    tiled = args.decode == "tiled" or (args.decode == "auto" and world > 1)
+    tile = (tiling.sample_height, tiling.sample_width) if tiling else (480, 720)
+    check_memory(info, resolved, layout, dtype, resolved_source, pool_devices,
+                 decode=None if output is None else "tiled" if tiled else "plain", tile=tile, label=info.display)
+    fps = args.fps or (16 if info.version == "1.5" else 8)
+    if output is not None:  # the real writer on one frame of the real size: folder, container, size and fps
+        from .video import VideoWriteError, check_writable
+
+        try:
+            check_writable(output, resolved.height, resolved.width, fps)
+        except VideoWriteError as error:
+            raise CliError(f"--output: {error}") from None
+
     pool = get_pool(devices, echo_output=args.verbose)  # workers start only now, once the inputs are valid
     progress = _Progress(args.quiet)
-    if not args.quiet:
-        print(f"{info.variant} {resolved.frames}x{resolved.height}x{resolved.width}, {resolved.steps} steps, "
-              f"{dtype}, layout {layout} on {pool.devices}", file=sys.stderr)
+    say = (lambda text: None) if args.quiet else (lambda text: print(text, file=sys.stderr, flush=True))
+    say(f"{info.display} {resolved.frames}x{resolved.height}x{resolved.width}, {resolved.steps} "
+        f"steps, {dtype}, layout {layout} on {pool.devices}")
     started = time.perf_counter()
     latents = pool.generate(spec, request, layout=layout, on_event=progress)
     sampled = time.perf_counter()
@@ -314,30 +399,35 @@ def _generate(args) -> int:
         save_file({"latents": latents.contiguous()}, str(latents_out))
         summary["latents_out"] = str(latents_out)
     if output is not None:
-        tiled = args.decode == "tiled" or (args.decode == "auto" and world > 1)
+        from .video import write_video
+
         frames = pool.decode(spec, latents, frames=resolved.frames, tiled=tiled, on_event=progress, tiling=tiling)
-        fps = args.fps or (16 if info.version == "1.5" else 8)
         write_video(output, frames, fps=fps)
         summary.update(output=str(output), frames=int(frames.shape[0]), width=int(frames.shape[2]),
                        height=int(frames.shape[1]), fps=fps, decode_seconds=round(time.perf_counter() - sampled, 3),
                        decode="tiled" if tiled else "plain")
-    written = ", ".join(str(p) for p in (output, latents_out) if p is not None)
-    print(f"wrote {written} ({json.dumps(summary)})")
+    say("wrote " + ", ".join(str(p) for p in (output, latents_out) if p is not None))
+    print(json.dumps(summary), flush=True)
     return 0
 
 
 def _pool_status(args) -> int:
-    from .pool import ModelSpec, get_pool
-    from .request import GenerationRequest
+    from .layout import Layout
+    from .pool import ModelSpec, get_pool, parse_devices
 
-    pool = get_pool(args.devices)
-    pool.start()
-    if args.model:
-        dtype = args.dtype or ("fp32" if pool.devices.kind == "cpu" else "bf16")
-        spec = ModelSpec(args.model, dtype)
+    spec = info = None
+    if args.model:  # a bad model is refused before any worker starts
         from .loading import read_model_info
 
+        kind = parse_devices(args.devices).kind
+        spec = ModelSpec(args.model, args.dtype or ("fp32" if kind == "cpu" else "bf16"))
+        spec.validate()
         info = read_model_info(spec.source)
+    pool = get_pool(args.devices, echo_output=args.verbose)
+    pool.start()
+    if spec is not None:
+        from .request import GenerationRequest
+
         embeds = GenerationRequest(prompt_embeds=_zeros(info), negative_prompt_embeds=_zeros(info), steps=1)
         pool.generate(spec, embeds)
     status = pool.status()
@@ -347,8 +437,9 @@ def _pool_status(args) -> int:
     print(f"pool {status['devices']} ({status['backend']}), {status['world_size']} rank(s), state {status['state']}")
     if status.get("model"):
         m = status["model"]
-        print(f"model {m['path']} ({m.get('variant')}, {m['dtype']}, attention {m['attention']}), "
-              f"layout {status.get('layout')}")
+        layout = status.get("layout")
+        shown = str(Layout(*layout)) if isinstance(layout, (list, tuple)) and len(layout) == 3 else layout
+        print(f"model {m['path']} ({m.get('variant')}, {m['dtype']}, attention {m['attention']}), layout {shown}")
     for r in status["ranks"]:
         mem = r["memory"]
         if "allocated" in mem:
@@ -367,4 +458,4 @@ def _zeros(info):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(prog="python -m comfyui_xdit_cogvideo.cli"))

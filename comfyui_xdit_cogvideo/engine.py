@@ -15,7 +15,7 @@ import torch.distributed as dist
 from .layout import check_layout
 from .loading import (ModelSource, load_scheduler, load_text_encoder, load_transformer, load_vae,
                       parse_dtype)
-from .parallel import ParallelGroups, parallelize_transformer
+from .parallel.groups import ParallelGroups
 from .parallel.kernels import resolve_kernel
 from .request import GenerationRequest
 
@@ -89,6 +89,8 @@ class CogVideoEngine:
     def rebind(self, groups: ParallelGroups, attention: str) -> None:
         """Point the resident transformer at other process groups or another attention kernel; no weights move."""
         check_layout(groups.layout, heads=self.info.heads, use_cfg=True)
+        from .parallel.transformer import parallelize_transformer  # diffusers and yunchang: only when a model runs
+
         self.groups, self.attention = groups, resolve_kernel(attention, self.device)
         parallelize_transformer(self.transformer, self.groups, self.attention)
 
@@ -218,6 +220,10 @@ class CogVideoEngine:
         latents = pipe(**kwargs).frames
         if cancelled:
             raise GenerationCancelled("generation cancelled")
+        if not torch.isfinite(latents).all():  # decoded, these give a black video that looks like success
+            dtype = str(self.dtype).removeprefix("torch.")
+            raise FloatingPointError(f"sampling produced NaN or infinite latents ({self.info.variant}, {dtype}); "
+                                     "fp16 overflows in CogVideoX: use bf16 or fp32, or check the weights")
         return latents.cpu()
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ and VAE load only when first needed, since T5-XXL alone is 9 GB.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -181,8 +181,11 @@ def read_model_info(source: ModelSource) -> ModelInfo:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelError(f"{str(path)!r} has no config.json")
-        return ModelInfo.from_config(_read_config(path))
-    return ModelInfo.from_config(_file_config(path)[1])
+        info = ModelInfo.from_config(_read_config(path))
+    else:
+        info = ModelInfo.from_config(_file_config(path)[1])
+    tiny = source.path == "tiny" or source.path.startswith("tiny-")
+    return replace(info, label=source.path if tiny else Path(source.path).expanduser().name)
 
 
 def _file_config(path: Path) -> tuple[str, dict]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .limits import LimitError, check_positions
 from .variants import ModelInfo
 
 
@@ -72,7 +73,7 @@ def validate_request(r: GenerationRequest, info: ModelInfo) -> None:
                                f"{info.patch_size}), got {value}; e.g. {low} or {low + step}")
     if info.learned_positions and (r.height, r.width, r.frames) != (*info.default_size, info.sample_frames):
         h, w = info.default_size
-        raise RequestError(f"{info.variant} has learned positional embeddings and only runs at "
+        raise RequestError(f"{info.display} has learned positional embeddings and only runs at "
                            f"{info.sample_frames} frames x {h} x {w}; got {r.frames} x {r.height} x {r.width}")
     shape = (1, info.text_len, info.text_dim)
     for name in ("prompt_embeds", "negative_prompt_embeds"):
@@ -80,10 +81,20 @@ def validate_request(r: GenerationRequest, info: ModelInfo) -> None:
         if embeds is not None and tuple(embeds.shape) != shape:
             raise RequestError(f"{name} must have shape {list(shape)} (T5 output padded to {info.text_len} "
                                f"tokens), got {list(embeds.shape)}")
+        if embeds is not None and not torch.isfinite(embeds).all():
+            bad = int((~torch.isfinite(embeds)).sum())
+            raise RequestError(f"{name} contains {bad} NaN or infinite value(s) of {embeds.numel()}; the video would "
+                               "be black. Encode the prompt again (T5 in fp16 overflows: use bf16 or fp32)")
     if info.image_to_video and r.image is None:
-        raise RequestError(f"{info.variant} is an image-to-video model: give a start image")
+        raise RequestError(f"{info.display} is an image-to-video model: give a start image")
     if not info.image_to_video and r.image is not None:
-        raise RequestError(f"{info.variant} is a text-to-video model and takes no start image; "
+        raise RequestError(f"{info.display} is a text-to-video model and takes no start image; "
                            "use an -I2V model for image-to-video")
     if r.image is not None and (r.image.dim() != 3 or r.image.shape[-1] != 3):
         raise RequestError(f"image must be one RGB frame [H, W, 3] with values in 0..1, got {list(r.image.shape)}")
+    if r.image is not None and not torch.isfinite(r.image).all():
+        raise RequestError("image contains NaN or infinite values; give RGB values in 0..1")
+    try:
+        check_positions(info, r.height, r.width, info.display)
+    except LimitError as error:
+        raise RequestError(str(error)) from None

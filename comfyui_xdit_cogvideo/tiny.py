@@ -8,6 +8,7 @@ latents as extra channels), 1.5 (temporal patches) and 1.5-i2v (adds the ofs emb
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -37,11 +38,15 @@ def tiny_cache_dir() -> Path:
 
 
 def _transformer_config(variant: str) -> dict:
+    """1.0 twins are trained at 32 x 48 pixels (sample 4 x 6 latents) and run at any size. 1.5's RoPE only reaches
+    sample_height x sample_width latents (diffusers' grid_type="slice"), as the real 1.5 reaches 300 x 300 (2400
+    px): the 1.5 twins get 8 x 12 (64 x 96 px) so that they, too, run at several sizes."""
     i2v = variant.endswith("i2v")
     v15 = variant.startswith("1.5")
     return dict(
         num_attention_heads=6, attention_head_dim=16, in_channels=8 if i2v else 4, out_channels=4,
-        time_embed_dim=16, text_embed_dim=32, num_layers=2, sample_width=6, sample_height=4, sample_frames=9,
+        time_embed_dim=16, text_embed_dim=32, num_layers=2, sample_width=12 if v15 else 6,
+        sample_height=8 if v15 else 4, sample_frames=9,
         patch_size=2, patch_size_t=2 if v15 else None, temporal_compression_ratio=4, max_text_seq_length=226,
         use_rotary_positional_embeddings=variant != "2b", use_learned_positional_embeddings=variant == "5b-i2v",
         patch_bias=not v15, ofs_embed_dim=16 if variant == "1.5-i2v" else None,
@@ -86,23 +91,60 @@ def build_tiny(variant: str, folder: str | Path) -> Path:
     pipeline_class = CogVideoXImageToVideoPipeline if variant.endswith("i2v") else CogVideoXPipeline
     pipeline = pipeline_class(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                               scheduler=scheduler)
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    with _no_progress_bars():
+        pipeline.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """Keep transformers' and diffusers' save progress bars (\"Writing model shards\") off the user's stderr."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    states = [(lib, lib.is_progress_bar_enabled()) for lib in (transformers_logging, diffusers_logging)]
+    for lib, _ in states:
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, enabled in states:
+            if enabled:
+                lib.enable_progress_bar()
 
 
 def ensure_tiny(variant: str = "2b") -> Path:
     """The cached tiny model folder for ``variant``, built on first use (atomic against concurrent builders)."""
+    import shutil
+
     folder = tiny_cache_dir() / f"tiny-{variant}"
-    if (folder / "model_index.json").exists():
+    if _is_current(folder, variant):
         return folder
     staging = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     build_tiny(variant, staging)
+    if folder.exists() and not _is_current(folder, variant):  # built by an older version: set it aside
+        stale = folder.with_name(f"{folder.name}.stale{os.getpid()}")
+        try:
+            folder.rename(stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
     try:
         staging.rename(folder)
     except OSError:
-        if not (folder / "model_index.json").exists():
+        if not _is_current(folder, variant):
             raise
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def _is_current(folder: Path, variant: str) -> bool:
+    """A cached tiny model is reused only if it was built with today's transformer config."""
+    import json
+
+    try:
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (folder / "model_index.json").exists() and all(
+        config.get(k) == v for k, v in _transformer_config(variant).items())

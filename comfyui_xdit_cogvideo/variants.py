@@ -8,7 +8,7 @@ published configs.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 class ModelError(ValueError):
@@ -35,6 +35,12 @@ class ModelInfo:
     ofs: bool
     text_dim: int = 4096
     text_len: int = 226
+    label: str = field(default="", compare=False)  # the name the user gave (tiny, a folder or file name)
+
+    @property
+    def display(self) -> str:
+        """The model's name for messages: what the user called it, else the variant."""
+        return self.label or self.variant
 
     @property
     def default_frames(self) -> int:

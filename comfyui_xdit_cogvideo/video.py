@@ -1,10 +1,28 @@
-"""mp4 files from decoded frames (and back), through the ffmpeg binary that imageio-ffmpeg ships."""
+"""Video files from decoded frames (and back), through the ffmpeg binary that imageio-ffmpeg ships.
+
+Every file is H.264 (yuv420p, plays in browsers and ComfyUI) in one of ``VIDEO_SUFFIXES``' containers. A write
+either leaves a complete, non-empty file or raises ``VideoWriteError`` with ffmpeg's reason: ffmpeg's exit status
+is checked and the file is written under a temporary name, then renamed, so a failed write never reports success
+and never replaces an existing file with a broken one.
+"""
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")
+MAX_SIDE = 16384  # libx264 refuses wider or taller frames
+
+
+class VideoWriteError(RuntimeError):
+    """The video could not be written (no ffmpeg, bad folder, container, size or fps, full disk, ...)."""
 
 
 def to_uint8(frames) -> np.ndarray:
@@ -16,33 +34,131 @@ def to_uint8(frames) -> np.ndarray:
     if frames.ndim != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be [frames, height, width, 3], got {list(frames.shape)}")
     if frames.dtype != np.uint8:
+        if not np.isfinite(frames).all():
+            raise ValueError("frames contain NaN or infinite values; the video would be black or garbage")
         frames = np.clip(np.rint(frames.astype(np.float32) * 255.0), 0, 255).astype(np.uint8)
     return np.ascontiguousarray(frames)
 
 
-def write_video(path: str | Path, frames, fps: float = 8, crf: int = 18, codec: str = "libx264") -> Path:
-    """Write an H.264 mp4 (yuv420p, plays in browsers and ComfyUI). Odd sizes are padded by one edge pixel."""
-    import imageio_ffmpeg
+def check_fps(fps) -> float:
+    """``fps`` as a float, or ValueError naming it: ffmpeg needs a finite rate above 0 (at most 1000)."""
+    try:
+        value = float(fps)
+    except (TypeError, ValueError):
+        raise ValueError(f"fps must be a number, got {fps!r}") from None
+    if not math.isfinite(value) or not 0 < value <= 1000:
+        raise ValueError(f"fps must be a number above 0 and at most 1000 (e.g. 8 or 16), got {fps}")
+    return value
 
+
+def check_video_path(path: str | Path) -> Path:
+    """The output path if its container is supported and its folder exists and is writable, else VideoWriteError."""
+    path = Path(path)
+    if path.is_dir():
+        raise VideoWriteError(f"{str(path)!r} is a directory; give a file name such as {str(path / 'out.mp4')!r}")
+    if path.suffix.lower() not in VIDEO_SUFFIXES:
+        raise VideoWriteError(f"video files must end with {', '.join(VIDEO_SUFFIXES)} (H.264), got {str(path)!r}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise VideoWriteError(f"folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise VideoWriteError(f"folder {str(folder)!r} is not writable")
+    return path
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary (imageio-ffmpeg's, or IMAGEIO_FFMPEG_EXE), or VideoWriteError saying how to get one."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise VideoWriteError("writing videos needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
+    try:
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as error:
+        raise VideoWriteError(f"no ffmpeg binary found ({error}); pip install imageio-ffmpeg") from None
+    return exe
+
+
+def write_video(path: str | Path, frames, fps: float = 8, crf: int = 18, codec: str = "libx264") -> Path:
+    """Write H.264 video (yuv420p) to ``path`` (.mp4, .mov or .mkv). Odd sizes are padded by one edge pixel.
+
+    Raises ValueError for bad frames or fps and VideoWriteError when ffmpeg fails or leaves no file.
+    """
+    fps = check_fps(fps)
     data = to_uint8(frames)
     if len(data) == 0:
         raise ValueError("no frames to write")
     pad_h, pad_w = data.shape[1] % 2, data.shape[2] % 2
     if pad_h or pad_w:
         data = np.pad(data, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = imageio_ffmpeg.write_frames(
-        str(path), (data.shape[2], data.shape[1]), fps=fps, codec=codec, quality=None, pix_fmt_out="yuv420p",
-        macro_block_size=1, output_params=["-crf", str(int(crf)), "-movflags", "+faststart"],
-        ffmpeg_log_level="error",
-    )
-    writer.send(None)
+    if max(data.shape[1:3]) > MAX_SIDE:
+        raise VideoWriteError(f"H.264 (libx264) encodes at most {MAX_SIDE} pixels per side, got {data.shape[1]} x "
+                              f"{data.shape[2]} (height x width)")
+    path = check_video_path(path)
+    partial = path.with_name(f".{path.stem}.partial{os.getpid()}{path.suffix}")
+    height, width = data.shape[1:3]
+    faststart = ["-movflags", "+faststart"] if path.suffix.lower() in (".mp4", ".mov") else []
+    cmd = [ffmpeg_exe(), "-y", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{width}x{height}", "-r", f"{fps:g}", "-i", "-", "-an", "-c:v", codec, "-pix_fmt", "yuv420p",
+           "-crf", str(int(crf)), *faststart, str(partial)]
     try:
-        for frame in data:
-            writer.send(frame)
+        _run_ffmpeg(cmd, data, path)
+        if not partial.is_file() or partial.stat().st_size == 0:
+            raise VideoWriteError(f"ffmpeg exited without error but left {str(path)!r} missing or empty")
+        os.replace(partial, path)
     finally:
-        writer.close()
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def _run_ffmpeg(cmd: list[str], data: np.ndarray, shown: Path) -> None:
+    """Feed ``data`` to ffmpeg's stdin; raise VideoWriteError with ffmpeg's own message if it fails."""
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except OSError as error:
+        raise VideoWriteError(f"cannot run ffmpeg ({cmd[0]}): {error}") from None
+    errors: list[bytes] = []
+    reader = threading.Thread(target=lambda: errors.append(proc.stderr.read()), daemon=True)
+    reader.start()
+    try:
+        try:
+            for frame in data:
+                proc.stdin.write(frame.tobytes())
+        except (BrokenPipeError, OSError):
+            pass  # ffmpeg stopped early; its exit status and message below say why
+        finally:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        code = proc.wait()
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    reader.join()
+    if code != 0:
+        text = b"".join(errors).decode(errors="replace")
+        lines = [re.sub(r"^(\[[^]]*\]\s*)+", "", line).strip() for line in text.splitlines()]
+        lines = [line for line in lines if line]
+        reason = lines[0] if lines else f"exit status {code}"
+        raise VideoWriteError(f"ffmpeg could not write {str(shown)!r}: {reason.replace(cmd[-1], str(shown))}")
+
+
+def check_writable(path: str | Path, height: int, width: int, fps: float) -> Path:
+    """Pre-flight for ``write_video``: encode one black frame of this size and fps beside ``path`` and delete it.
+
+    Runs before any sampling, so a missing ffmpeg, a bad folder, container, size or fps fails in a second
+    instead of after the whole generation.
+    """
+    path = check_video_path(path)
+    probe = path.with_name(f".{path.stem}.check{os.getpid()}{path.suffix}")
+    try:
+        write_video(probe, np.zeros((1, height, width, 3), np.uint8), fps=fps)
+    except VideoWriteError as error:
+        raise VideoWriteError(str(error).replace(str(probe), str(path))) from None
+    finally:
+        probe.unlink(missing_ok=True)
     return path
 
 

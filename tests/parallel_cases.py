@@ -24,6 +24,11 @@ CASES = {
     "5b-i2v": ("5b-i2v", dict(frames=9, height=32, width=48, image=True), [L(2), L(1, 2), L(1, 1, 2), L(1, 1, 3),
                                                                             L(2, 2), L(1, 2, 2)]),
     "1.5-i2v": ("1.5-i2v", dict(frames=9, height=32, width=48, image=True), [L(2), L(1, 3), L(1, 1, 4), L(1, 2, 2)]),
+    # 1.5 beyond 32 x 48, up to its RoPE range (64 x 96 on the tiny twins): 2 x 4 x 6 = 48 and 2 x 2 x 6 = 24 tokens.
+    # (The I2V start image keeps the test image's 2:3 aspect: other aspects are centre-cropped here, stretched there.)
+    "1.5-64x96": ("1.5", dict(frames=9, height=64, width=96), [L(2), L(1, 2), L(1, 1, 3), L(2, 1, 2)]),
+    "1.5-32x96": ("1.5", dict(frames=9, height=32, width=96), [L(1, 1, 4), L(1, 3)]),
+    "1.5-i2v-64x96": ("1.5-i2v", dict(frames=9, height=64, width=96, image=True), [L(1, 2, 2), L(1, 1, 3)]),
 }
 EIGHT_RANK_CASES = {
     "5b-8": ("5b", dict(frames=9, height=32, width=48), [L(2, 2, 2), L(2, 1, 4)]),

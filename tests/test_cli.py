@@ -55,7 +55,11 @@ def test_readme_command_writes_a_real_mp4_in_well_under_a_minute(tiny_path, tmp_
     frames, meta = read_video(tmp_path / "cat.mp4")
     assert frames.shape == (9, 32, 48, 3) and meta["size"] == (48, 32) and round(meta["fps"]) == 8
     assert frames.std() > 1  # real pixels, not an empty stream
-    assert "wrote cat.mp4" in done.stdout and "sampling 50/50" in done.stderr
+    # README: one JSON line on stdout, everything for people on stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["output"] == "cat.mp4", done.stdout
+    assert "wrote cat.mp4" in done.stderr and "sampling 50/50" in done.stderr
+    assert "Warning" not in done.stderr and "it/s" not in done.stderr, done.stderr
 
 
 def test_latents_out_equals_diffusers_on_two_ranks(reference, tiny_path, tmp_path, capsys):
@@ -70,7 +74,8 @@ def test_latents_out_equals_diffusers_on_two_ranks(reference, tiny_path, tmp_pat
     assert (latents - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
     frames, meta = read_video(video)
     assert frames.shape == (9, 32, 48, 3) and round(meta["fps"]) == 12
-    assert '"decode": "tiled"' in out and "cfg2 x ulysses1 x ring1" in out
+    summary = json.loads(out)
+    assert summary["decode"] == "tiled" and summary["layout"] == "cfg2 x ulysses1 x ring1" and summary["fps"] == 12
     assert controller._POOL is None  # the CLI stops its pool on the way out
 
 
@@ -104,13 +109,27 @@ BAD = [
     (O + ["--gpus", "0,1", "--device", "cpu"], "--gpus needs --device cuda"),
     (O + ["--tile", "10x10"], "--tile sizes must be multiples of 8"),
     (["--output", "/nonexistent/dir/cat.mp4"], "does not exist"),
+    (O + ["--fps", "-5"], "--fps must be a number above 0"),
+    (O + ["--fps", "0"], "--fps must be a number above 0"),
+    (O + ["--fps", "nan"], "--fps must be a number above 0"),
+    (O + ["--image", "."], "--image '.' is a directory; give an image file"),
+    (O + ["--vae", "/nonexistent/vae"], "--vae '/nonexistent/vae' does not exist"),
+    (O + ["--text-encoder", "/nonexistent/t5"], "--text-encoder '/nonexistent/t5' does not exist"),
+    (O + ["--image", "start.png"], "tiny is a text-to-video model and takes no start image"),
+    (O + ["--height", "20000"], "H.264 (libx264) encodes at most 16384 pixels per side"),
+    (O + ["--height", "100000", "--width", "100000"], "GiB of RAM"),
+    (["--output", "cat.webm"], "--output must end with .mp4 or .mov or .mkv"),
+    (["--output", "/proc/cat.mp4"], "--output: "),
 ]
 
 
 @pytest.mark.parametrize("extra,message", BAD, ids=[m for _, m in BAD])
 def test_bad_input_is_one_clear_line_and_starts_nothing(extra, message, tiny_path, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
     tiny_path("2b")
     monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (48, 32)).save(tmp_path / "start.png")
     code, out, err = _run(["generate", "--model", "tiny", "--prompt", "a cat", *extra], capsys)
     assert code == 1
     lines = err.strip().splitlines()
@@ -134,6 +153,86 @@ def test_missing_things_are_named(tmp_path, capsys):
     assert code == 1 and "has no 'prompt_embeds'" in err
     code, _, err = _run(["generate", "--prompt", "x"], capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "--model" in err
+    code, _, err = _run(["generate", "--model", "tiny", "--embeds", str(tmp_path), "--output", "x.mp4"], capsys)
+    assert code == 1 and f"--embeds {str(tmp_path)!r} is a directory; give a .safetensors file" in err, err
+
+
+def test_nan_embeddings_are_refused_before_sampling(reference, tmp_path, capsys):
+    _, positive, negative = reference
+    embeds = tmp_path / "embeds.safetensors"
+    positive = positive.clone()
+    positive[0, 3, 5] = float("nan")
+    save_file({"prompt_embeds": positive.contiguous(), "negative_prompt_embeds": negative.contiguous()}, str(embeds))
+    code, out, err = _run(["generate", "--model", "tiny", "--embeds", str(embeds), "--output", str(tmp_path / "x.mp4")],
+                          capsys)
+    assert code == 1 and out == "" and "prompt_embeds contains 1 NaN or infinite value(s)" in err, err
+    assert controller._POOL is None
+
+
+def test_a_failed_video_write_is_an_error_not_a_lost_result(tiny_path, tmp_path, capsys, monkeypatch):
+    """ffmpeg that exits 0 but writes nothing (as on a full disk): exit 1, no "wrote" line, no JSON, no file."""
+    from comfyui_xdit_cogvideo import video
+
+    tiny_path("2b")
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\ncat > /dev/null\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
+    monkeypatch.setattr(video, "check_writable", lambda path, *a, **k: path)  # as if the disk filled up later
+    output = tmp_path / "cat.mp4"
+    code, out, err = _run(["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--quiet",
+                           "--output", str(output)], capsys)
+    assert code == 1 and out == "" and "wrote" not in err, (out, err)
+    assert err.strip().splitlines() == [
+        f"error: ffmpeg exited without error but left {str(output)!r} missing or empty"]
+    assert not output.exists() and not list(tmp_path.glob(".cat*"))
+
+
+def test_inputs_are_checked_before_a_model_is_built_and_third_party_output_is_hidden(tmp_path):
+    """A fresh model cache: building tiny models prints nothing of transformers' or diffusers' own."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+               XDIT_COGVIDEO_CACHE=str(tmp_path / "cache"))
+    command = [sys.executable, "-m", "comfyui_xdit_cogvideo", "generate", "--output", str(tmp_path / "x.mp4")]
+    done = subprocess.run(command + ["--model", "tiny-5b-i2v", "--prompt", "x", "--image", str(tmp_path / "no.png")],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        f"error: --image {str(tmp_path / 'no.png')!r} does not exist; give an image file (PNG, JPEG, WebP, ...)"]
+    assert not (tmp_path / "cache").exists()  # nothing was built
+    done = subprocess.run(command + ["--model", "tiny", "--prompt", "x", "--image", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    done = subprocess.run(command + ["--model", "tiny", "--prompt", "x", "--frames", "10"], env=env,
+                          capture_output=True, text=True, timeout=180)  # builds tiny, then refuses the request
+    assert (tmp_path / "cache" / "tiny-2b" / "model_index.json").exists()
+    assert done.returncode == 1 and done.stderr.strip().splitlines() == [
+        "error: frames must be 4k+1 (the VAE compresses 4 frames into one latent frame, plus the first), e.g. 9 or "
+        "13; got 10"], done.stderr
+
+
+def test_help_is_fast_quiet_and_names_the_command_as_invoked():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "comfyui_xdit_cogvideo", "--help"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.startswith("usage: python -m comfyui_xdit_cogvideo ")
+    assert elapsed < 3, f"--help took {elapsed:.1f} s"
+    # pip's console script runs exactly this
+    script = "import sys; from comfyui_xdit_cogvideo.cli import main; sys.exit(main())"
+    done = subprocess.run([sys.executable, "-c", script, "generate", "--help"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: comfyui-xdit-cogvideo generate "), done.stdout
+    installed = shutil.which("comfyui-xdit-cogvideo")
+    if installed:
+        done = subprocess.run([installed, "--bad"], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "(see comfyui-xdit-cogvideo --help)" in done.stderr, done.stderr
+    # importing the package and the CLI and pool modules loads neither diffusers, transformers nor yunchang
+    probe = ("import sys, comfyui_xdit_cogvideo, comfyui_xdit_cogvideo.cli, comfyui_xdit_cogvideo.pool; "
+             "from comfyui_xdit_cogvideo import GenerationRequest, CogVideoEngine; "
+             "print(sorted({'diffusers', 'transformers', 'yunchang'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]" and done.stderr == "", (done.stdout, done.stderr)
 
 
 def test_a_worker_failure_is_one_line_too(tiny_path, tmp_path, capsys):
@@ -158,6 +257,17 @@ def test_pool_status_command(tiny_path, capsys):
     assert status["world_size"] == 1 and status["state"] == "idle" and status["ranks"][0]["memory"]["rss"] > 0
     code, out, err = _run(["pool-status", "--devices", "cpu:0"], capsys)
     assert code == 1 and "cpu:N" in err
+    code, out, err = _run(["pool-status", "--devices", "cpu:1", "--model", "tiny"], capsys)
+    assert code == 0 and "layout cfg1 x ulysses1 x ring1" in out and err == "", (out, err)
+
+
+def test_pool_status_refuses_a_bad_model_before_starting_the_pool(capsys, monkeypatch):
+    from comfyui_xdit_cogvideo.pool import WorkerPool
+
+    starts = []
+    monkeypatch.setattr(WorkerPool, "start", lambda self, *a, **k: starts.append(1))
+    code, out, err = _run(["pool-status", "--devices", "cpu:1", "--model", "/nonexistent/model"], capsys)
+    assert code == 1 and "does not exist" in err and starts == [] and controller._POOL is None, err
 
 
 def test_ctrl_c_stops_the_workers_and_exits_130(tiny_path, tmp_path):

@@ -70,3 +70,12 @@ def test_a_failed_text_encode_on_the_leader_fails_every_rank_without_hanging(tmp
     leader, other = run_world(2, _leader_cannot_encode, folder, timeout=90)
     assert "ModelError" in leader and "no text encoder" in leader
     assert "leader rank failed to encode the prompt" in other
+
+
+def test_non_finite_latents_fail_instead_of_decoding_to_a_black_video(tiny_path):
+    """What fp16 overflow looks like: the transformer returns inf/NaN; the job fails, it does not 'succeed'."""
+    engine = CogVideoEngine(str(tiny_path("2b")), dtype="fp32")
+    with torch.no_grad():
+        engine.transformer.proj_out.weight[0, 0] = float("inf")
+    with pytest.raises(FloatingPointError, match="sampling produced NaN or infinite latents .* use bf16 or fp32"):
+        engine.generate(GenerationRequest(prompt="a cat", frames=9, height=32, width=48, steps=1))

@@ -60,6 +60,14 @@ def test_single_file_transformer_equals_folder(tmp_path, tiny_path, variant):
     source = ModelSource(str(path), vae=str(folder / "vae"), text_encoder=str(folder / "text_encoder"))
     engine = CogVideoEngine(source, dtype="fp32")
     assert read_model_info(source) == engine.info
+    # The two loaders must build the same model: same config, parameters and buffers (values, dtypes, shapes).
+    folder_model = CogVideoEngine(str(folder), dtype="fp32").transformer
+    assert {k: v for k, v in engine.transformer.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in folder_model.config.items() if not k.startswith("_")}
+    mine, theirs = engine.transformer.state_dict(keep_vars=True), folder_model.state_dict(keep_vars=True)
+    assert mine.keys() == theirs.keys()
+    assert [k for k in mine if mine[k].dtype != theirs[k].dtype or not torch.equal(mine[k], theirs[k])] == []
+    assert dict(engine.transformer.named_buffers()).keys() == dict(folder_model.named_buffers()).keys()
     assert torch.equal(engine.generate(request), reference)
     frames = engine.decode(reference, frames=9)
     assert frames.shape == (9, 32, 48, 3)
@@ -71,7 +79,7 @@ def test_single_file_without_config_is_detected(tmp_path, tiny_path, variant):
     folder = tiny_path(variant)
     path = _single_file(tmp_path, folder, prefix="", sidecar=False)
     detected, actual = read_model_info(ModelSource(str(path))), read_model_info(ModelSource(str(folder)))
-    ignore = {"variant", "sample_height", "sample_width", "sample_frames"}
+    ignore = {"variant", "sample_height", "sample_width", "sample_frames", "label"}
     assert {k: v for k, v in vars(detected).items() if k not in ignore} == \
         {k: v for k, v in vars(actual).items() if k not in ignore}
     engine = CogVideoEngine(ModelSource(str(path), text_encoder=str(folder / "text_encoder")), dtype="fp32")
