@@ -88,8 +88,8 @@ def current_pool():
     """The process-wide pool object if one was created (started or not), else None. Never creates or starts one."""
     import sys
 
-    controller = sys.modules.get("comfyui_xdit_cogvideo.pool.controller")
-    return None if controller is None else getattr(controller, "_POOL", None)
+    registry = sys.modules.get("comfyui_xdit_cogvideo.pool.registry")
+    return None if registry is None else registry.current_pool()
 
 
 def pool_status() -> dict:

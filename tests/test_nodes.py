@@ -321,7 +321,7 @@ def test_status_route_never_starts_the_pool_and_reports_it(comfy, spec, embeds, 
     assert payload["ranks"][0]["pid"] > 0
     json.dumps(payload)
     # with no pool object at all the route answers "not running" and creates nothing
-    import comfyui_xdit_cogvideo.pool.controller as controller
+    import comfyui_xdit_cogvideo.pool.registry as controller
 
     monkeypatch.setattr(controller, "_POOL", None)
     assert routes.pool_status() == {"running": False}

@@ -86,13 +86,26 @@ def test_bad_input_is_rejected_before_any_worker_starts(tiny_cache):
     pool.shutdown()
 
 
-def test_device_strings():
+def test_device_strings(monkeypatch):
+    from comfyui_xdit_cogvideo.pool import devices
+
+    monkeypatch.setattr(devices, "cpu_count", lambda: 3)
     assert parse_devices("cpu:3").world_size == 3 and parse_devices("cpu").backend == "gloo"
     remote = parse_devices("listen://0.0.0.0:29600?world=8")
     assert remote.kind == "remote" and remote.world_size == 8 and remote.address == ("0.0.0.0", 29600)
-    for bad, message in (("cpu:0", "cpu:N"), ("listen://host", "listen://HOST:PORT"), ("a,b", "cannot parse")):
+    for bad, message in (("cpu:0", "cpu:N"), ("listen://host", "listen://HOST:PORT"), ("a,b", "cannot parse"),
+                         ("cpu:4", "asks for 4 CPU ranks, but this process may use 3 CPU core"),
+                         ("cpu:100000", "use cpu:1 to cpu:3"),
+                         ("listen://0.0.0.0:29600?world=100000", "world must be 1..1024")):
         with pytest.raises(PoolError, match=message):
             parse_devices(bad)
+    # a workflow may not open the pool to other hosts unless this host opted in
+    monkeypatch.delenv("XDIT_COGVIDEO_ALLOW_LISTEN", raising=False)
+    with pytest.raises(PoolError, match="XDIT_COGVIDEO_ALLOW_LISTEN=1"):
+        parse_devices("listen://127.0.0.1:29600?world=2", from_workflow=True)
+    assert parse_devices("cpu:2", from_workflow=True).world_size == 2
+    monkeypatch.setenv("XDIT_COGVIDEO_ALLOW_LISTEN", "1")
+    assert parse_devices("listen://127.0.0.1:29600?world=2", from_workflow=True).kind == "remote"
     if not torch.cuda.is_available():
         assert parse_devices("auto") == parse_devices("cpu:1")
         with pytest.raises(PoolError, match="no CUDA GPU"):
