@@ -423,3 +423,67 @@ def test_save_node_pads_odd_sizes(comfy, tmp_path):
     reader = imageio_ffmpeg.read_frames(str(path))
     assert next(reader)["size"] == (48, 32) and len(list(reader)) == 5
     assert os.path.getsize(path) > 0
+
+
+def test_routes_answer_within_100_ms_while_a_start_is_pending(comfy, monkeypatch):
+    """aiohttp's event loop is ComfyUI's whole web server: a pending pool start must not hold it, and the
+    shutdown route aborts that start."""
+    import threading
+    import time
+
+    from comfyui_xdit_cogvideo.pool import PoolError, registry
+    from comfyui_xdit_cogvideo.pool.channel import free_port
+
+    routes = sys.modules[comfy.pkg.__name__ + ".nodes.routes"]
+    web = types.SimpleNamespace(json_response=lambda data: types.SimpleNamespace(payload=data))
+    monkeypatch.setitem(sys.modules, "aiohttp", types.SimpleNamespace(web=web))
+    monkeypatch.setitem(sys.modules, "aiohttp.web", web)
+    monkeypatch.setenv("XDIT_COGVIDEO_POOL_KEY", os.urandom(32).hex())
+    registry.shutdown_pool()
+    pool = registry.get_pool(f"listen://127.0.0.1:{free_port()}?world=2", start_timeout=300)  # no worker comes
+    failure = {}
+
+    def start():
+        try:
+            pool.start()
+        except PoolError as error:
+            failure["error"] = error
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+    deadline = time.monotonic() + 10
+    while pool.status()["state"] != "starting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    async def timed(path):
+        handler = comfy.server.routes.table[path]
+        began = time.monotonic()
+        response = await handler(None)
+        return time.monotonic() - began, response.payload
+
+    took, status = asyncio.run(timed(("GET", "/xdit_cogvideo/status")))
+    assert took < 0.1 and status["state"] == "starting", (took, status)
+    took, stopped = asyncio.run(timed(("POST", "/xdit_cogvideo/shutdown")))
+    assert took < 0.1 and stopped["running"] is False, (took, stopped)
+    starter.join(5)
+    assert not starter.is_alive() and "start aborted" in str(failure.get("error"))
+    assert registry.current_pool() is None and routes.pool_status() == {"running": False}
+
+
+def test_comfy_memory_is_freed_on_the_pools_gpus_when_short(comfy, monkeypatch):
+    import comfy.model_management as mm
+
+    common = sys.modules[comfy.pkg.__name__ + ".nodes.common"]
+    from comfyui_xdit_cogvideo.pool import PoolDevices
+
+    free = {0: 10, 1: 90, 2: 5}
+    calls = []
+    monkeypatch.setattr(mm, "get_total_memory", lambda device: 100, raising=False)
+    monkeypatch.setattr(mm, "get_free_memory", lambda device: free[device.index], raising=False)
+    monkeypatch.setattr(mm, "free_memory", lambda need, device: calls.append((need, device.index)), raising=False)
+    monkeypatch.setattr(mm, "soft_empty_cache", lambda *a, **k: calls.append("empty"), raising=False)
+    common.free_comfy_memory(PoolDevices("cuda", 2, ("0", "1"), indices=(0, 1)))
+    assert calls == [(50.0, 0), "empty"]  # GPU 0 was short; GPU 1 had enough; GPU 2 is not the pool's
+    calls.clear()
+    common.free_comfy_memory(PoolDevices("cpu", 2))
+    assert calls == []

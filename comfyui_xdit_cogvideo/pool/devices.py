@@ -23,6 +23,7 @@ class PoolDevices:
     world_size: int
     gpu_ids: tuple[str, ...] = ()
     address: tuple[str, int] | None = None
+    indices: tuple[int, ...] = ()  # the GPUs as CUDA indices of this process (gpu_ids: for the workers' environment)
 
     @property
     def backend(self) -> str:
@@ -82,7 +83,8 @@ def parse_devices(text: str | None = "auto", *, from_workflow: bool = False) -> 
         return PoolDevices("cpu", int(count))
     available = _gpu_count()
     if spec == "auto":
-        return PoolDevices("cuda", available, _physical_ids(list(range(available)))) if available else PoolDevices("cpu", 1)
+        ids = list(range(available))
+        return PoolDevices("cuda", available, _physical_ids(ids), indices=tuple(ids)) if available else PoolDevices("cpu", 1)
     if spec == "cuda":
         if not available:
             raise PoolError("devices 'cuda' asked for, but no CUDA GPU is visible to this process")
@@ -101,7 +103,7 @@ def parse_devices(text: str | None = "auto", *, from_workflow: bool = False) -> 
     if bad:
         raise PoolError(f"GPU {bad[0]} does not exist here: {available} CUDA GPU(s) visible "
                         f"(ids 0..{available - 1})" if available else f"GPU list {text!r} given, but no CUDA GPU is visible")
-    return PoolDevices("cuda", len(ids), _physical_ids(ids))
+    return PoolDevices("cuda", len(ids), _physical_ids(ids), indices=tuple(ids))
 
 
 def _physical_ids(ids: list[int]) -> tuple[str, ...]:

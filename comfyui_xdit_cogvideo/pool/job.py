@@ -193,6 +193,16 @@ class JobRun:
             hb = self.pool._heartbeat_of(entry.rank)
             positions[entry.rank] = (int(hb.get("tick", 0)), hb.get("phase") or hb.get("state") or "?",
                                      list(hb.get("step") or [0, 0]))
+        silent = [e for e in self.targets if time.monotonic() - e.last_seen > 3 * self.pool.heartbeat]
+        if silent:  # a frozen rank explains the stall better than step counts do
+            entry = silent[0]
+            _, phase, (step, total) = positions[entry.rank]
+            error = PoolStalled(f"{self.job.kind} job made no progress for {elapsed:.0f} s (limit {limit:.0f} s, "
+                                f"{why}): rank {entry.rank} ({entry.where()}) has sent nothing for "
+                                f"{time.monotonic() - entry.last_seen:.0f} s at {phase} step {step}/{total} (frozen, "
+                                "or its host is unreachable); the pool was stopped")
+            error.rank, error.phase, error.step = entry.rank, phase, step
+            return error
         low = min(t for t, _, _ in positions.values())
         behind = sorted(r for r, (t, _, _) in positions.items() if t == low)
         rank = behind[0]

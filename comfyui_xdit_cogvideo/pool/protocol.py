@@ -157,7 +157,8 @@ class Exit(Message):
 class Fault(Message):
     """Testing only (workers ignore it unless XDIT_COGVIDEO_TESTING=1): misbehave at the ``step``-th step boundary
     of the next job. ``raise``, ``exit`` (exit code 17), ``freeze`` (SIGSTOP), ``hang`` (block forever in a
-    point-to-point receive no peer answers, heartbeats going on), ``partial`` (send half a frame, then stop)."""
+    point-to-point receive no peer answers, heartbeats going on), ``partial`` (send half a frame, then stop),
+    ``tamper`` (send a frame with one byte changed)."""
 
     OP: ClassVar[str] = "fault"
     kind: str
@@ -190,7 +191,7 @@ class Done(Message):
     error: dict | None = None
 
 
-FAULTS = ("raise", "exit", "freeze", "hang", "partial")
+FAULTS = ("raise", "exit", "freeze", "hang", "partial", "tamper")
 
 
 # -- what a job carries ------------------------------------------------------------------------------------------

@@ -273,6 +273,16 @@ class Worker:
             if self.world > 1:  # a receive no peer will ever answer: stuck inside torch.distributed
                 dist.recv(torch.zeros(1), src=(self.rank + 1) % self.world)
             threading.Event().wait()
+        if fault.kind == "tamper":  # a frame whose bytes changed on the way: the controller must reject it
+            from .channel import encode_frame
+
+            channel = self.channel
+            with channel._send_lock:
+                parts = encode_frame(self.snapshot().encode(), channel._key_out, channel._send_seq)
+                channel._send_seq += 1
+                parts[0] = parts[0][:-1] + bytes([parts[0][-1] ^ 1])
+                for part in parts:
+                    channel.sock.sendall(part)
         if fault.kind == "partial":
             from .channel import encode_frame
 
@@ -482,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.send(p.Ready(False, vars(p.ErrorInfo.of(error, traceback.format_exc()))))
         time.sleep(0.5)
         return 1
+    from .. import engine, vae_parallel  # noqa: F401  (imported now, not by the first job: its deadline is for work)
+
     worker.state = "idle"
     worker.send(worker.snapshot())  # before Ready, so the pool's first status already has it
     worker.send(p.Ready(True))
