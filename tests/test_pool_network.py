@@ -122,8 +122,8 @@ def _wait_listening(port: int, timeout: float = 30) -> None:
 
 
 def test_silent_connections_do_not_delay_the_start(tiny_cache, monkeypatch):
-    """20 connections that never speak (more than the cap of handshakes at once), then two real workers: the
-    start goes on while the silent ones wait out their own deadline, on their own threads."""
+    """Connections that never speak, then two real workers: the start goes on while the silent ones wait out
+    their own deadline, on their own threads; connections beyond the cap of handshakes at once are closed."""
     monkeypatch.setattr(controller, "HANDSHAKE_TIMEOUT", 90.0)  # inline handshakes would stall the start >= 90 s
     key = os.urandom(32).hex()
     monkeypatch.setenv("XDIT_COGVIDEO_POOL_KEY", key)
@@ -135,7 +135,14 @@ def test_silent_connections_do_not_delay_the_start(tiny_cache, monkeypatch):
     workers, silent = [], []
     try:
         _wait_listening(port)
-        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+        silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(controller.MAX_HANDSHAKES + 4)]
+        for sock in silent:
+            sock.settimeout(10)
+        # the first MAX_HANDSHAKES get the controller's challenge; the rest are closed on arrival
+        answers = [sock.recv(64) for sock in silent]
+        assert all(answers[:controller.MAX_HANDSHAKES]) and answers[controller.MAX_HANDSHAKES:] == [b""] * 4
+        for sock in silent[:4]:  # make room for the two workers (a full cap holds them off for its deadline)
+            sock.close()
         env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store_port),
                    GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
         launched = time.monotonic()
@@ -166,7 +173,7 @@ def test_one_pool_per_device_names_the_other_owner():
     name = f"test-device-{os.getpid()}"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import sys, time; from comfyui_xdit_cogvideo.pool.devices import DeviceLock; "
-        f"DeviceLock.acquire([{name!r}]); print('held', flush=True); time.sleep(120)")],
+        f"lock = DeviceLock.acquire([{name!r}]); print('held', flush=True); time.sleep(120)")],
         env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -193,9 +200,10 @@ def test_weights_are_read_from_safetensors_only(tmp_path, tiny_path):
     with pytest.raises(ModelError, match="vae .*vae.pt' is not a .safetensors file"):
         load_vae(resolved, torch.float32, "cpu", None)
     encoder = tmp_path / "text_encoder"
-    T5EncoderModel(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)).save_pretrained(
-        encoder, safe_serialization=False)
-    assert (encoder / "pytorch_model.bin").exists() and not list(encoder.glob("*.safetensors"))
+    model = T5EncoderModel(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+    model.save_pretrained(encoder)
+    (encoder / "model.safetensors").unlink()  # recent transformers only write safetensors: make the pickle by hand
+    torch.save(model.state_dict(), encoder / "pytorch_model.bin")
     with pytest.raises(OSError, match="safetensors"):
         load_text_encoder(ResolvedSource(tmp_path, None, None, encoder, tiny_path("2b") / "tokenizer"),
                           torch.float32, "cpu")
