@@ -184,13 +184,23 @@ def test_loader_output_is_a_pool_model_spec(comfy, spec):
 
 
 # ---- parallel config ----------------------------------------------------------------------------------------------
-def test_parallel_config_validation(comfy, parallel):
+def test_parallel_config_validation(comfy, parallel, monkeypatch):
+    from comfyui_xdit_cogvideo.pool import devices
+
+    monkeypatch.setattr(devices, "cpu_count", lambda: 4)
     node = comfy.by_id["XDiTCogVideoParallelConfig"]
     assert "cannot parse" in node.validate_inputs(devices="gpu please", cfg="auto", ulysses="auto", ring="auto")
     assert "no CUDA GPU" in node.validate_inputs(devices="0,1", cfg="auto", ulysses="auto", ring="auto")
     assert "= 8 ranks" in node.validate_inputs(devices="cpu:2", cfg="2", ulysses="2", ring="2")
     assert "ulysses must be one of" in node.validate_inputs(devices="cpu:2", ulysses="16")
     assert node.validate_inputs(devices="cpu:4", cfg="2", ulysses="auto", ring="2") is True
+    assert "asks for 5 CPU ranks" in node.validate_inputs(devices="cpu:5", cfg="auto", ulysses="auto", ring="auto")
+    # a degree the devices cannot hold is refused here, before any node touches the running pool
+    assert "needs a multiple of 4 ranks" in node.validate_inputs(devices="cpu:2", cfg="auto", ulysses="4", ring="auto")
+    # a workflow opens the pool to other hosts only where the host allows it
+    monkeypatch.delenv("XDIT_COGVIDEO_ALLOW_LISTEN", raising=False)
+    assert "XDIT_COGVIDEO_ALLOW_LISTEN=1" in node.validate_inputs(devices="listen://127.0.0.1:29600?world=2", cfg="2")
+    monkeypatch.setenv("XDIT_COGVIDEO_ALLOW_LISTEN", "1")
     assert node.validate_inputs(devices="listen://127.0.0.1:29600?world=2", cfg="2") is True
     assert (parallel.devices, parallel.cfg, parallel.ulysses, parallel.ring) == (DEVICES, None, None, None)
     (explicit,) = run_node(node, devices="cpu:4", cfg="2", ulysses="auto", ring="2").args
@@ -487,3 +497,22 @@ def test_comfy_memory_is_freed_on_the_pools_gpus_when_short(comfy, monkeypatch):
     calls.clear()
     common.free_comfy_memory(PoolDevices("cpu", 2))
     assert calls == []
+
+
+def test_a_layout_the_model_cannot_run_leaves_the_warm_pool_alone(comfy, spec, embeds, parallel):
+    """ulysses 4 on cpu:2 for a 6-head model: the text-encode node (the first to see devices and model) refuses it
+    before asking for a pool on other devices, so the warm pool keeps running."""
+    from comfyui_xdit_cogvideo import LayoutError
+
+    common = sys.modules[comfy.pkg.__name__ + ".nodes.common"]
+    warm = common.current_pool()
+    assert warm is not None and warm.status()["state"] == "idle"
+    pids = [r["pid"] for r in warm.status()["ranks"]]
+    bad = common.ParallelConfig("cpu:2", None, 4, None)
+    with pytest.raises(LayoutError, match="ulysses"):
+        run_node(comfy.by_id["XDiTCogVideoTextEncodeModelT5"], model=spec, prompt="a cat", parallel=bad)
+    with pytest.raises(LayoutError, match="ulysses"):
+        run_node(comfy.by_id["XDiTCogVideoSampler"], model=spec, positive=embeds[0], negative=embeds[1],
+                 width=48, height=32, frames=9, steps=1, parallel=bad)
+    assert common.current_pool() is warm and [r["pid"] for r in warm.status()["ranks"]] == pids
+    assert warm.status()["state"] == "idle"
