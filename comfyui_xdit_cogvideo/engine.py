@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from .errors import GenerationCancelled  # noqa: F401  (engine.GenerationCancelled stays importable)
 from .layout import check_layout
 from .loading import (ModelSource, load_scheduler, load_text_encoder, load_transformer, load_vae,
                       parse_dtype)
@@ -20,10 +21,6 @@ from .parallel.kernels import resolve_kernel
 from .request import GenerationRequest
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
-
-
-class GenerationCancelled(RuntimeError):
-    """The caller cancelled the job; the engine stopped at a step boundary and stays usable."""
 
 
 class CogVideoEngine:

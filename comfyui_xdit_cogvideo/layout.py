@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
-class LayoutError(ValueError):
-    """A parallel layout that cannot run for this model, request or world size."""
+from .errors import LayoutError  # noqa: F401  (importable from here as before)
 
 
 @dataclass(frozen=True)

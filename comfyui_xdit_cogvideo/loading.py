@@ -104,7 +104,7 @@ def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch
         weights = sorted(path.glob("*.safetensors"))
         if not weights:
             raise ModelError(f"{str(path)!r} holds no .safetensors weights (only safetensors are loaded)")
-        model = CogVideoXTransformer3DModel.from_pretrained(path, torch_dtype=dtype).to(device)
+        model = CogVideoXTransformer3DModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True).to(device)
         return model.eval().requires_grad_(False), ModelInfo.from_config(model.config)
     from safetensors.torch import load_file
 
@@ -154,8 +154,10 @@ def load_vae(resolved: ResolvedSource, dtype: torch.dtype, device: torch.device 
     if path is None:
         raise ModelError("this model has no VAE; give a vae path (a diffusers vae/ folder or a .safetensors file)")
     if path.is_dir():
-        vae = AutoencoderKLCogVideoX.from_pretrained(path, torch_dtype=dtype)
+        vae = AutoencoderKLCogVideoX.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
     else:
+        if path.suffix != ".safetensors":  # never a pickle (.pt, .bin, .ckpt): torch.load could run code
+            raise ModelError(f"vae {str(path)!r} is not a .safetensors file; other formats are not loaded")
         config = {"scaling_factor": 1.15258426 if info.variant.startswith("2b") else 0.7,
                   "invert_scale_latents": info.variant == "1.5-5b-i2v"}
         vae = AutoencoderKLCogVideoX.from_single_file(str(path), torch_dtype=dtype, **config)
@@ -170,7 +172,7 @@ def load_text_encoder(resolved: ResolvedSource, dtype: torch.dtype, device: torc
         raise ModelError("this model has no text encoder/tokenizer; pass prompt embeddings instead "
                          "(--embeds, or the ComfyUI text encode node) or give a text_encoder folder")
     tokenizer = AutoTokenizer.from_pretrained(resolved.tokenizer)
-    encoder = T5EncoderModel.from_pretrained(resolved.text_encoder, torch_dtype=dtype).to(device)
+    encoder = T5EncoderModel.from_pretrained(resolved.text_encoder, torch_dtype=dtype, use_safetensors=True).to(device)
     return tokenizer, encoder.eval().requires_grad_(False)
 
 

@@ -6,12 +6,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .errors import RequestError  # noqa: F401  (importable from here as before)
 from .limits import LimitError, check_positions
 from .variants import ModelInfo
-
-
-class RequestError(ValueError):
-    """A generation request the model cannot run, naming the value and what would work."""
 
 
 @dataclass

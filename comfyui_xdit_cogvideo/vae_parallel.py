@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from .engine import GenerationCancelled
+from .errors import GenerationCancelled
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-
-class ModelError(ValueError):
-    """A model folder or file that cannot be loaded, with what was expected instead."""
+from .errors import ModelError  # noqa: F401  (importable from here as before)
 
 
 @dataclass(frozen=True)

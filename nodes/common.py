@@ -76,20 +76,53 @@ def pool_module():
 
 
 def get_pool(devices: str | None = None):
-    """The worker pool for ``devices`` (default: the devices last used, else "auto"); starts it on first use."""
+    """The worker pool for ``devices`` (default: the devices last used, else "auto"); starts it on first use.
+
+    ``devices`` comes from a workflow: it is bounded by this machine (and ``listen://`` refused unless the host
+    opted in) before the running pool is touched. Before every job the pool asks ComfyUI to free what it holds on
+    the pool's GPUs when memory is short."""
     global _last_devices
     devices = devices or _last_devices or "auto"
-    pool = pool_module().get_pool(devices)
+    pool = pool_module().get_pool(devices, from_workflow=True, before_job=free_comfy_memory)
     _last_devices = devices
     return pool
+
+
+def free_comfy_memory(devices, share: float = 0.5) -> None:
+    """Unload ComfyUI's own models from the pool's GPUs until ``share`` of each GPU's memory is free."""
+    if getattr(devices, "kind", None) != "cuda":
+        return
+    import comfy.model_management as mm
+    import torch
+
+    for index in devices.indices:
+        device = torch.device("cuda", index)
+        total = mm.get_total_memory(device)
+        if mm.get_free_memory(device) < share * total:
+            mm.free_memory(share * total, device)
+    mm.soft_empty_cache()
+
+
+def check_parallel(parallel: ParallelConfig, model, use_cfg: bool = True):
+    """The explicit layout of ``parallel`` for ``model`` (None for "auto"), or LayoutError -- raised before any pool
+    is started, stopped or restarted for a job that could not run."""
+    if not parallel.explicit:
+        return None
+    from comfyui_xdit_cogvideo import choose_layout
+    from comfyui_xdit_cogvideo.loading import read_model_info
+
+    world = pool_module().parse_devices(parallel.devices, from_workflow=True).world_size
+    info = read_model_info(model.source)
+    return choose_layout(world, heads=info.heads, use_cfg=use_cfg, cfg=parallel.cfg, ulysses=parallel.ulysses,
+                         ring=parallel.ring)
 
 
 def current_pool():
     """The process-wide pool object if one was created (started or not), else None. Never creates or starts one."""
     import sys
 
-    controller = sys.modules.get("comfyui_xdit_cogvideo.pool.controller")
-    return None if controller is None else getattr(controller, "_POOL", None)
+    registry = sys.modules.get("comfyui_xdit_cogvideo.pool.registry")
+    return None if registry is None else registry.current_pool()
 
 
 def pool_status() -> dict:

@@ -106,11 +106,17 @@ def list_text_encoders() -> list[str]:
 
 def resolve(name: str, folders: tuple[str, ...]) -> str | None:
     """Absolute path of a listed entry (file or folder), searching ``folders`` in order."""
-    if not name or os.path.isabs(name) or ".." in name.replace("\\", "/").split("/"):
-        return None
+    import ntpath
+
+    if (not name or os.path.isabs(name) or ntpath.splitdrive(name)[0] or name.startswith(("/", "\\"))
+            or ".." in name.replace("\\", "/").split("/")):
+        return None  # absolute, drive-relative (C:x on Windows) or climbing out: never a listed entry
     for folder in folders:
         for root in _roots(folder):
-            path = os.path.join(root, name)
+            base = os.path.abspath(root)
+            path = os.path.abspath(os.path.join(base, name))
+            if os.path.commonpath([base, path]) != base:
+                continue
             if os.path.exists(path):
                 return path
     return None

@@ -15,7 +15,7 @@ def check_devices(devices: str) -> str | None:
     from comfyui_xdit_cogvideo.pool import PoolError, parse_devices
 
     try:
-        parse_devices(devices)
+        parse_devices(devices, from_workflow=True)
     except PoolError as error:
         return str(error)
     return None
@@ -79,6 +79,12 @@ class ParallelConfigNode(io.ComfyNode):
         if count is not None and None not in fixed and fixed[0] * fixed[1] * fixed[2] != count:
             return (f"cfg {cfg} x ulysses {ulysses} x ring {ring} = {fixed[0] * fixed[1] * fixed[2]} ranks, but "
                     f"devices {devices!r} gives {count}; set one degree to auto")
+        product = 1
+        for degree in fixed:
+            product *= degree or 1
+        if count is not None and count % product:
+            return (f"cfg {cfg} x ulysses {ulysses} x ring {ring} needs a multiple of {product} ranks, but devices "
+                    f"{devices!r} gives {count}")
         return True
 
     @classmethod

@@ -1,17 +1,25 @@
-"""HTTP routes for the web panel. They read the pool's state and never start it."""
+"""HTTP routes for the web panel. They read the pool's state and never start it.
+
+Nothing here blocks aiohttp's event loop (ComfyUI's whole web server runs on it): the status snapshot and the
+shutdown run on a thread; shutdown answers within ``SHUTDOWN_WAIT`` seconds and finishes in the background
+(a pending start is aborted at once).
+"""
 
 from __future__ import annotations
+
+import asyncio
 
 from .common import current_pool, log, pool_status
 
 STATUS_PATH = "/xdit_cogvideo/status"
 SHUTDOWN_PATH = "/xdit_cogvideo/shutdown"
+SHUTDOWN_WAIT = 0.05
 
 
 async def status_handler(request):
     from aiohttp import web
 
-    return web.json_response(pool_status())
+    return web.json_response(await asyncio.get_running_loop().run_in_executor(None, pool_status))
 
 
 async def shutdown_handler(request):
@@ -23,7 +31,11 @@ async def shutdown_handler(request):
         return web.json_response({"running": False, "stopped": False})
     from comfyui_xdit_cogvideo.pool import shutdown_pool
 
-    shutdown_pool()
+    stopping = asyncio.get_running_loop().run_in_executor(None, shutdown_pool)
+    try:
+        await asyncio.wait_for(asyncio.shield(stopping), SHUTDOWN_WAIT)
+    except asyncio.TimeoutError:  # still reaping workers: the panel's next status poll shows the end
+        return web.json_response({"running": False, "stopped": False, "stopping": True})
     return web.json_response({"running": False, "stopped": True})
 
 

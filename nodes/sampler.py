@@ -5,28 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .common import (CATEGORY, DEFAULT_PARALLEL, LATENT_KEY, SCHEDULERS, ModelType, ParallelType, check_choice,
-                     engine, get_pool, run_pool_job)
+                     check_parallel, engine, get_pool, run_pool_job)
 from .text import conditioning_to_embeds
 
 MAX_SIZE = 4096
-
-
-def pool_world_size(pool, devices: str) -> int:
-    """Ranks of the pool (without starting it when the devices string says)."""
-    from .parallel import device_count
-
-    for name in ("world_size", "size"):
-        value = getattr(pool, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    count = device_count(devices)
-    if count is not None:
-        return count
-    status = pool.status()
-    for key in ("world_size", "world"):
-        if isinstance(status.get(key), int):
-            return status[key]
-    return len(status.get("devices") or []) or 1
 
 
 class Sampler(io.ComfyNode):
@@ -113,12 +95,8 @@ class Sampler(io.ComfyNode):
         )
         resolved = request.resolved(info)  # RequestError (frames, size, I2V image, embeddings) before the pool starts
         parallel = parallel or DEFAULT_PARALLEL
+        layout = check_parallel(parallel, model, resolved.use_cfg)  # LayoutError before the pool is touched
         pool = get_pool(parallel.devices)
-        layout = None
-        if parallel.explicit:
-            layout = eng.choose_layout(pool_world_size(pool, parallel.devices), heads=info.heads,
-                                       use_cfg=resolved.use_cfg, cfg=parallel.cfg, ulysses=parallel.ulysses,
-                                       ring=parallel.ring)
         latents = run_pool_job(
             lambda on_event, cancel: pool.generate(model, request, layout=layout, on_event=on_event, cancel=cancel),
             node_id=cls.hidden.unique_id, label="sample", show=("sample",))

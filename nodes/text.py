@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY, ModelType, get_pool, log
+from .common import CATEGORY, ModelType, check_parallel, get_pool, log
 
 TEXT_TOKENS = 226
 T5_END, T5_PAD = 1, 0
@@ -177,6 +177,8 @@ class TextEncodeModelT5(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, prompt="", negative_prompt="", parallel=None) -> io.NodeOutput:
+        if parallel is not None:
+            check_parallel(parallel, model)  # a layout the sampler would refuse must not restart the pool here
         pool = get_pool(parallel.devices if parallel is not None else None)
         positive, negative = pool.encode_prompt(model, prompt, negative_prompt)
         return io.NodeOutput(_conditioning(positive.float().cpu()), _conditioning(negative.float().cpu()))

@@ -12,6 +12,7 @@ _CACHE = Path(os.environ.get("XDIT_COGVIDEO_TEST_CACHE") or Path(tempfile.gettem
 os.environ["XDIT_COGVIDEO_CACHE"] = str(_CACHE)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("XDIT_COGVIDEO_TESTING", "1")  # pool fault injection (pool.protocol.Fault) is allowed in tests
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from comfyui_xdit_cogvideo import cli
-from comfyui_xdit_cogvideo.pool import controller
+from comfyui_xdit_cogvideo.pool import registry as controller
 from comfyui_xdit_cogvideo.video import read_video
 
 pytestmark = pytest.mark.timeout(240)

@@ -184,13 +184,23 @@ def test_loader_output_is_a_pool_model_spec(comfy, spec):
 
 
 # ---- parallel config ----------------------------------------------------------------------------------------------
-def test_parallel_config_validation(comfy, parallel):
+def test_parallel_config_validation(comfy, parallel, monkeypatch):
+    from comfyui_xdit_cogvideo.pool import devices
+
+    monkeypatch.setattr(devices, "cpu_count", lambda: 4)
     node = comfy.by_id["XDiTCogVideoParallelConfig"]
     assert "cannot parse" in node.validate_inputs(devices="gpu please", cfg="auto", ulysses="auto", ring="auto")
     assert "no CUDA GPU" in node.validate_inputs(devices="0,1", cfg="auto", ulysses="auto", ring="auto")
     assert "= 8 ranks" in node.validate_inputs(devices="cpu:2", cfg="2", ulysses="2", ring="2")
     assert "ulysses must be one of" in node.validate_inputs(devices="cpu:2", ulysses="16")
     assert node.validate_inputs(devices="cpu:4", cfg="2", ulysses="auto", ring="2") is True
+    assert "asks for 5 CPU ranks" in node.validate_inputs(devices="cpu:5", cfg="auto", ulysses="auto", ring="auto")
+    # a degree the devices cannot hold is refused here, before any node touches the running pool
+    assert "needs a multiple of 4 ranks" in node.validate_inputs(devices="cpu:2", cfg="auto", ulysses="4", ring="auto")
+    # a workflow opens the pool to other hosts only where the host allows it
+    monkeypatch.delenv("XDIT_COGVIDEO_ALLOW_LISTEN", raising=False)
+    assert "XDIT_COGVIDEO_ALLOW_LISTEN=1" in node.validate_inputs(devices="listen://127.0.0.1:29600?world=2", cfg="2")
+    monkeypatch.setenv("XDIT_COGVIDEO_ALLOW_LISTEN", "1")
     assert node.validate_inputs(devices="listen://127.0.0.1:29600?world=2", cfg="2") is True
     assert (parallel.devices, parallel.cfg, parallel.ulysses, parallel.ring) == (DEVICES, None, None, None)
     (explicit,) = run_node(node, devices="cpu:4", cfg="2", ulysses="auto", ring="2").args
@@ -321,7 +331,7 @@ def test_status_route_never_starts_the_pool_and_reports_it(comfy, spec, embeds, 
     assert payload["ranks"][0]["pid"] > 0
     json.dumps(payload)
     # with no pool object at all the route answers "not running" and creates nothing
-    import comfyui_xdit_cogvideo.pool.controller as controller
+    import comfyui_xdit_cogvideo.pool.registry as controller
 
     monkeypatch.setattr(controller, "_POOL", None)
     assert routes.pool_status() == {"running": False}
@@ -423,3 +433,86 @@ def test_save_node_pads_odd_sizes(comfy, tmp_path):
     reader = imageio_ffmpeg.read_frames(str(path))
     assert next(reader)["size"] == (48, 32) and len(list(reader)) == 5
     assert os.path.getsize(path) > 0
+
+
+def test_routes_answer_within_100_ms_while_a_start_is_pending(comfy, monkeypatch):
+    """aiohttp's event loop is ComfyUI's whole web server: a pending pool start must not hold it, and the
+    shutdown route aborts that start."""
+    import threading
+    import time
+
+    from comfyui_xdit_cogvideo.pool import PoolError, registry
+    from comfyui_xdit_cogvideo.pool.channel import free_port
+
+    routes = sys.modules[comfy.pkg.__name__ + ".nodes.routes"]
+    web = types.SimpleNamespace(json_response=lambda data: types.SimpleNamespace(payload=data))
+    monkeypatch.setitem(sys.modules, "aiohttp", types.SimpleNamespace(web=web))
+    monkeypatch.setitem(sys.modules, "aiohttp.web", web)
+    monkeypatch.setenv("XDIT_COGVIDEO_POOL_KEY", os.urandom(32).hex())
+    registry.shutdown_pool()
+    pool = registry.get_pool(f"listen://127.0.0.1:{free_port()}?world=2", start_timeout=300)  # no worker comes
+    failure = {}
+
+    def start():
+        try:
+            pool.start()
+        except PoolError as error:
+            failure["error"] = error
+
+    starter = threading.Thread(target=start, daemon=True)
+    starter.start()
+    deadline = time.monotonic() + 10
+    while pool.status()["state"] != "starting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    async def timed(path):
+        handler = comfy.server.routes.table[path]
+        began = time.monotonic()
+        response = await handler(None)
+        return time.monotonic() - began, response.payload
+
+    took, status = asyncio.run(timed(("GET", "/xdit_cogvideo/status")))
+    assert took < 0.1 and status["state"] == "starting", (took, status)
+    took, stopped = asyncio.run(timed(("POST", "/xdit_cogvideo/shutdown")))
+    assert took < 0.1 and stopped["running"] is False, (took, stopped)
+    starter.join(5)
+    assert not starter.is_alive() and "start aborted" in str(failure.get("error"))
+    assert registry.current_pool() is None and routes.pool_status() == {"running": False}
+
+
+def test_comfy_memory_is_freed_on_the_pools_gpus_when_short(comfy, monkeypatch):
+    import comfy.model_management as mm
+
+    common = sys.modules[comfy.pkg.__name__ + ".nodes.common"]
+    from comfyui_xdit_cogvideo.pool import PoolDevices
+
+    free = {0: 10, 1: 90, 2: 5}
+    calls = []
+    monkeypatch.setattr(mm, "get_total_memory", lambda device: 100, raising=False)
+    monkeypatch.setattr(mm, "get_free_memory", lambda device: free[device.index], raising=False)
+    monkeypatch.setattr(mm, "free_memory", lambda need, device: calls.append((need, device.index)), raising=False)
+    monkeypatch.setattr(mm, "soft_empty_cache", lambda *a, **k: calls.append("empty"), raising=False)
+    common.free_comfy_memory(PoolDevices("cuda", 2, ("0", "1"), indices=(0, 1)))
+    assert calls == [(50.0, 0), "empty"]  # GPU 0 was short; GPU 1 had enough; GPU 2 is not the pool's
+    calls.clear()
+    common.free_comfy_memory(PoolDevices("cpu", 2))
+    assert calls == []
+
+
+def test_a_layout_the_model_cannot_run_leaves_the_warm_pool_alone(comfy, spec, embeds, parallel):
+    """ulysses 4 on cpu:2 for a 6-head model: the text-encode node (the first to see devices and model) refuses it
+    before asking for a pool on other devices, so the warm pool keeps running."""
+    from comfyui_xdit_cogvideo import LayoutError
+
+    common = sys.modules[comfy.pkg.__name__ + ".nodes.common"]
+    warm = common.current_pool()
+    assert warm is not None and warm.status()["state"] == "idle"
+    pids = [r["pid"] for r in warm.status()["ranks"]]
+    bad = common.ParallelConfig("cpu:2", None, 4, None)
+    with pytest.raises(LayoutError, match="ulysses"):
+        run_node(comfy.by_id["XDiTCogVideoTextEncodeModelT5"], model=spec, prompt="a cat", parallel=bad)
+    with pytest.raises(LayoutError, match="ulysses"):
+        run_node(comfy.by_id["XDiTCogVideoSampler"], model=spec, positive=embeds[0], negative=embeds[1],
+                 width=48, height=32, frames=9, steps=1, parallel=bad)
+    assert common.current_pool() is warm and [r["pid"] for r in warm.status()["ranks"]] == pids
+    assert warm.status()["state"] == "idle"

@@ -5,10 +5,35 @@
     latents = pool.generate(ModelSpec("/models/CogVideoX-2b"), GenerationRequest(prompt="a cat"),
                             on_event=lambda e: print(e.phase, e.step, e.total))
     frames = pool.decode(ModelSpec("/models/CogVideoX-2b"), latents)   # [F, H, W, 3] in 0..1
+
+Where each concern lives: ``devices`` (what a pool runs on, bounds, device locks), ``launch`` (local worker
+processes), ``channel`` (authenticated frames), ``protocol`` (every message), ``job`` (one job, its deadlines),
+``controller`` (lifecycle, monitor, status), ``registry`` (the process-wide pool, exit handlers), ``worker``
+(one rank). Names are imported lazily: importing this package loads neither torch.distributed nor diffusers.
 """
 
-from .controller import (ModelSpec, PoolDevices, PoolError, ProgressEvent, WorkerError, WorkerPool, get_pool,
-                         install_exit_handlers, parse_devices, shutdown_pool, worker_environment)
+from __future__ import annotations
 
-__all__ = ["ModelSpec", "PoolDevices", "PoolError", "ProgressEvent", "WorkerError", "WorkerPool", "get_pool",
-           "install_exit_handlers", "parse_devices", "shutdown_pool", "worker_environment"]
+import importlib
+
+_EXPORTS = {
+    "WorkerPool": "controller", "ModelSpec": "protocol", "ProgressEvent": "protocol",
+    "PoolDevices": "devices", "parse_devices": "devices", "worker_environment": "launch",
+    "get_pool": "registry", "shutdown_pool": "registry", "current_pool": "registry",
+    "install_exit_handlers": "registry",
+}
+_ERRORS = ("PoolError", "PoolStalled", "WorkerError")
+
+__all__ = sorted([*_EXPORTS, *_ERRORS])
+
+
+def __getattr__(name: str):
+    if name in _ERRORS:
+        from .. import errors
+
+        return getattr(errors, name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

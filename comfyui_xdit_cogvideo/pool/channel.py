@@ -1,11 +1,19 @@
-"""The control channel between the pool and one worker: framed messages over a TCP socket.
+"""The control channel between the pool and one worker: authenticated frames over a TCP socket.
 
 A message is a tree of plain values (dict, list, tuple, str, bytes, int, float, bool, None) and CPU tensors.
 The tree is pickled with tensors replaced by references; the unpickler refuses every global, so a message can
-never name a class or function to run. Tensor bytes follow the header as raw frames (no torch.save, no temp
-files, no shared-memory handles), which works the same over loopback and between hosts.
+never name a class or function to run. Tensor bytes follow the header raw (no torch.save, no temp files, no
+shared-memory handles), which works the same over loopback and between hosts.
 
-Both ends prove they hold the pool key (HMAC-SHA256 challenge in each direction) before any message flows.
+Handshake: the controller sends a nonce; the worker answers with its own nonce and an HMAC proving it holds the
+pool key; only after checking that proof does the controller prove itself (so it never signs for an unproven
+peer). Both ends then derive one key per direction from the two nonces. Every frame after that carries a
+sequence number and HMAC-SHA256 tags (one over its lengths, checked before anything is allocated, one over the
+whole frame, checked before anything is unpickled): a replayed, reordered, truncated or injected frame fails the
+connection. Frame headers are checked (dtype allow-list, nbytes = numel x itemsize, total size cap).
+
+``FrameReader`` parses frames incrementally from whatever bytes arrived, so the controller's monitor never blocks
+on a half-sent frame; ``Channel.recv`` (workers) waits for a whole message with an optional deadline.
 """
 
 from __future__ import annotations
@@ -15,30 +23,41 @@ import hmac
 import io
 import os
 import pickle
-import select
+import selectors
 import socket
 import struct
 import threading
+import time
+from collections import deque
 
 import torch
 
-PROTOCOL = 1  # bump when the messages between controller and workers change
+from ..errors import AuthError, ChannelClosed
+
+PROTOCOL = 2  # bump when the frames or messages between controller and workers change
 EXIT_RESTART = 3  # a worker's exit code meaning "start me again" (torchrun --max-restarts does)
+MIN_KEY_BYTES = 32
 
-_HEADER = struct.Struct("!Q")
-_MAGIC = b"XDITCV1"
-_MAX_HEADER = 64 << 20
-
+_MAGIC = b"XDITCV2"
+_NONCE = 32
+_TAG = 32
+_PREFIX = struct.Struct("!QQQ")  # sequence number, header bytes, body (tensor) bytes
+MAX_HEADER = 64 << 20
+MAX_BODY = 16 << 30  # 16 GiB: far above any latents or decoded video the pool sends
+_CHUNK = 1 << 20
 
 _PLAIN = (str, bytes, int, float, bool, type(None), dict, list, tuple)
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool)}
 
 
-class ChannelClosed(ConnectionError):
-    """The other end closed the connection or went away."""
-
-
-class AuthError(ConnectionError):
-    """The other end does not hold the pool key."""
+def check_key(key: bytes) -> bytes:
+    """``key`` if it is long enough to authenticate a pool, else AuthError naming the variable and the minimum."""
+    if len(key) < MIN_KEY_BYTES:
+        raise AuthError(f"XDIT_COGVIDEO_POOL_KEY holds {len(key)} bytes; a pool key needs at least {MIN_KEY_BYTES} "
+                        "(e.g. python -c \"import secrets; print(secrets.token_hex(32))\")")
+    return key
 
 
 class _Pickler(pickle.Pickler):
@@ -64,116 +83,253 @@ class _Unpickler(pickle.Unpickler):
         self.tensors = tensors
 
     def persistent_load(self, pid):
+        if not isinstance(pid, int) or not 0 <= pid < len(self.tensors):
+            raise pickle.UnpicklingError(f"tensor reference {pid!r} out of range")
         return self.tensors[pid]
 
     def find_class(self, module, name):
         raise pickle.UnpicklingError(f"pool messages carry no classes (got {module}.{name})")
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _restricted_loads(data: bytes, tensors: list):
+    return _Unpickler(io.BytesIO(data), tensors).load()
+
+
+def encode_frame(message, key: bytes, seq: int) -> list:
+    """The buffers of one authenticated frame carrying ``message`` (sent in order)."""
+    tensors: list[torch.Tensor] = []
+    buffer = io.BytesIO()
+    _Pickler(buffer, tensors).dump(message)
+    meta, flat = [], []
+    for t in tensors:
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        name = str(t.dtype).removeprefix("torch.")
+        if name not in _DTYPES:
+            raise TypeError(f"cannot send a {name} tensor over the pool channel ({', '.join(_DTYPES)} only)")
+        meta.append((name, tuple(t.shape), t.numel() * t.element_size()))
+        if t.numel():
+            flat.append(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    header = pickle.dumps((meta, buffer.getvalue()), protocol=pickle.HIGHEST_PROTOCOL)
+    prefix = _PREFIX.pack(seq, len(header), sum(m[2] for m in meta))
+    tag1 = hmac.new(key, prefix, hashlib.sha256).digest()
+    mac = hmac.new(key, tag1, hashlib.sha256)
+    mac.update(header)
+    for part in flat:
+        mac.update(part)
+    return [prefix + tag1 + header, *flat, mac.digest()]
+
+
+def _tensors(meta, body: memoryview, body_len: int) -> list[torch.Tensor]:
+    """Tensors described by a frame header, after checking the header against the frame's body."""
+    if not isinstance(meta, list):
+        raise AuthError("malformed frame header")
+    out, offset = [], 0
+    for item in meta:
+        if not (isinstance(item, tuple) and len(item) == 3):
+            raise AuthError("malformed tensor header")
+        name, shape, nbytes = item
+        dtype = _DTYPES.get(name)
+        if dtype is None:
+            raise AuthError(f"tensor dtype {name!r} is not allowed on the pool channel")
+        if not (isinstance(shape, tuple) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise AuthError(f"bad tensor shape {shape!r}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if not isinstance(nbytes, int) or nbytes != numel * itemsize or offset + nbytes > body_len:
+            raise AuthError(f"tensor header says {nbytes} bytes for {name}{list(shape)}")
+        data = bytearray(body[offset:offset + nbytes])
+        offset += nbytes
+        out.append(torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape) if nbytes
+                   else torch.empty(shape, dtype=dtype))
+    if offset != body_len:
+        raise AuthError("frame body length does not match its tensors")
+    return out
+
+
+class FrameReader:
+    """Incremental parser: ``feed`` bytes as they arrive, get back the complete messages (never blocks)."""
+
+    def __init__(self, key: bytes, max_body: int = MAX_BODY):
+        self.key, self.max_body = key, max_body
+        self.seq = 0
+        self._buf = bytearray()
+        self._lengths: tuple[int, int, bytes] | None = None  # header, body, tag1 of the frame in progress
+
+    @property
+    def partial(self) -> bool:
+        """True while a frame has started but not fully arrived."""
+        return bool(self._buf) or self._lengths is not None
+
+    def feed(self, data: bytes) -> list:
+        self._buf += data
+        messages = []
+        while True:
+            if self._lengths is None:
+                if len(self._buf) < _PREFIX.size + _TAG:
+                    return messages
+                prefix, tag1 = bytes(self._buf[:_PREFIX.size]), bytes(self._buf[_PREFIX.size:_PREFIX.size + _TAG])
+                if not hmac.compare_digest(tag1, hmac.new(self.key, prefix, hashlib.sha256).digest()):
+                    raise AuthError("a frame failed its authentication check (injected or corrupted)")
+                seq, header_len, body_len = _PREFIX.unpack(prefix)
+                if seq != self.seq:
+                    raise AuthError(f"frame {seq} arrived where frame {self.seq} was due (replayed or reordered)")
+                if header_len > MAX_HEADER or body_len > self.max_body:
+                    raise AuthError(f"frame of {header_len} + {body_len} bytes exceeds the channel's limits")
+                del self._buf[:_PREFIX.size + _TAG]
+                self._lengths = (header_len, body_len, tag1)
+            header_len, body_len, tag1 = self._lengths
+            if len(self._buf) < header_len + body_len + _TAG:
+                return messages
+            view = memoryview(self._buf)
+            try:
+                mac = hmac.new(self.key, tag1, hashlib.sha256)
+                mac.update(view[:header_len + body_len])
+                if not hmac.compare_digest(bytes(view[header_len + body_len:header_len + body_len + _TAG]),
+                                           mac.digest()):
+                    raise AuthError("a frame failed its authentication check (tampered)")
+                try:
+                    meta, body = _restricted_loads(bytes(view[:header_len]), [])
+                except (pickle.UnpicklingError, ValueError, EOFError, TypeError) as error:
+                    raise AuthError(f"malformed frame header: {error}") from None
+                tensors = _tensors(meta, view[header_len:header_len + body_len], body_len)
+                messages.append(_restricted_loads(body, tensors))
+            finally:
+                view.release()
+            del self._buf[:header_len + body_len + _TAG]
+            self._lengths = None
+            self.seq += 1
 
 
 class Channel:
-    """One end of a worker connection. ``send`` is thread-safe; ``recv`` is meant for one reader thread."""
+    """One end of a worker connection. ``send`` is thread-safe; ``recv``/``read_available`` are for one reader."""
 
-    def __init__(self, sock: socket.socket):
-        sock.setblocking(True)
+    def __init__(self, sock: socket.socket, key_out: bytes, key_in: bytes, send_timeout: float | None = None):
+        sock.settimeout(send_timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.sock = sock
+        self._key_out = key_out
+        self._send_seq = 0
+        self._reader = FrameReader(key_in)
+        self._ready: deque = deque()
         self._send_lock = threading.Lock()
+        self._selector: selectors.BaseSelector | None = None
         self._closed = False
 
     # -- connection setup --------------------------------------------------------------------------------
     @classmethod
     def connect(cls, host: str, port: int, key: bytes, timeout: float = 30.0) -> "Channel":
-        return cls._secured(socket.create_connection((host, port), timeout=timeout), key, timeout, initiator=False)
-
-    @classmethod
-    def accept(cls, sock: socket.socket, key: bytes, timeout: float = 30.0) -> "Channel":
-        return cls._secured(sock, key, timeout, initiator=True)
-
-    @classmethod
-    def _secured(cls, sock: socket.socket, key: bytes, timeout: float, initiator: bool) -> "Channel":
-        """A channel over ``sock`` once both ends proved they hold ``key`` (closed if they did not)."""
-        channel = cls(sock)
-        channel.sock.settimeout(timeout)
+        """The worker's end: connect, prove the key, check the controller's proof."""
+        sock = socket.create_connection((host, port), timeout=timeout)
         try:
-            channel._authenticate(key, initiator=initiator)
+            sock.settimeout(timeout)
+            theirs = _recv_exact(sock, len(_MAGIC) + _NONCE)
+            if not theirs.startswith(_MAGIC):
+                raise AuthError("the other end does not speak the xDiT CogVideoX pool protocol "
+                                "(install the same comfyui-xdit-cogvideo version everywhere)")
+            nc, nw = theirs[len(_MAGIC):], os.urandom(_NONCE)
+            sock.sendall(_MAGIC + nw + hmac.new(key, b"worker" + nc + nw, hashlib.sha256).digest())
+            answer = _recv_exact(sock, _TAG)
+            if not hmac.compare_digest(answer, hmac.new(key, b"controller" + nw + nc, hashlib.sha256).digest()):
+                raise AuthError("the pool controller does not hold this key (set the same XDIT_COGVIDEO_POOL_KEY "
+                                "on the controller and every worker)")
         except BaseException:
-            channel.close()
+            sock.close()
             raise
-        channel.sock.settimeout(None)
-        return channel
+        keys = _session_keys(key, nc, nw)
+        return cls(sock, keys["w2c"], keys["c2w"])
 
-    def _authenticate(self, key: bytes, initiator: bool) -> None:
-        """Mutual challenge-response: each side proves it knows ``key`` without sending it."""
-        mine = os.urandom(32)
-        self._sendall(_MAGIC + mine)
-        theirs = self._recv_exact(len(_MAGIC) + 32)
-        if not theirs.startswith(_MAGIC):
-            raise AuthError("the other end does not speak the xDiT CogVideoX pool protocol")
-        theirs = theirs[len(_MAGIC):]
-        role_me, role_them = (b"controller", b"worker") if initiator else (b"worker", b"controller")
-        self._sendall(hmac.new(key, role_me + theirs, hashlib.sha256).digest())
-        answer = self._recv_exact(32)
-        if not hmac.compare_digest(answer, hmac.new(key, role_them + mine, hashlib.sha256).digest()):
-            raise AuthError("pool key mismatch (set the same XDIT_COGVIDEO_POOL_KEY on the controller and workers)")
+    @classmethod
+    def accept(cls, sock: socket.socket, key: bytes, timeout: float = 30.0,
+               send_timeout: float | None = None) -> "Channel":
+        """The controller's end: challenge, check the worker's proof first, then prove the key ourselves."""
+        try:
+            sock.settimeout(timeout)
+            nc = os.urandom(_NONCE)
+            sock.sendall(_MAGIC + nc)
+            reply = _recv_exact(sock, len(_MAGIC) + _NONCE + _TAG)
+            if not reply.startswith(_MAGIC):
+                raise AuthError("the other end does not speak the xDiT CogVideoX pool protocol")
+            nw, proof = reply[len(_MAGIC):len(_MAGIC) + _NONCE], reply[len(_MAGIC) + _NONCE:]
+            if not hmac.compare_digest(proof, hmac.new(key, b"worker" + nc + nw, hashlib.sha256).digest()):
+                raise AuthError("pool key mismatch (set the same XDIT_COGVIDEO_POOL_KEY on the controller and workers)")
+            sock.sendall(hmac.new(key, b"controller" + nw + nc, hashlib.sha256).digest())
+        except BaseException:
+            sock.close()
+            raise
+        keys = _session_keys(key, nc, nw)
+        return cls(sock, keys["c2w"], keys["w2c"], send_timeout=send_timeout)
 
     # -- messages ----------------------------------------------------------------------------------------
-    def send(self, message) -> None:
-        tensors: list[torch.Tensor] = []
-        buffer = io.BytesIO()
-        _Pickler(buffer, tensors).dump(message)
-        flat = []
-        meta = []
-        for t in tensors:
-            t = t.detach()
-            if t.device.type != "cpu":
-                t = t.cpu()
-            t = t.contiguous()
-            meta.append((_dtype_name(t.dtype), tuple(t.shape), t.numel() * t.element_size()))
-            flat.append(t)
-        header = pickle.dumps((meta, buffer.getvalue()), protocol=pickle.HIGHEST_PROTOCOL)
-        with self._send_lock:
+    def send(self, message, blocking: bool = True) -> bool:
+        """Send one message. ``blocking=False``: give up (False) if another thread is sending right now."""
+        if not self._send_lock.acquire(blocking):
+            return False
+        try:
             if self._closed:
                 raise ChannelClosed("channel is closed")
+            parts = encode_frame(message, self._key_out, self._send_seq)
+            self._send_seq += 1
             try:
-                self._sendall(_HEADER.pack(len(header)) + header)
-                for t, (_, _, nbytes) in zip(flat, meta):
-                    if nbytes:
-                        self._sendall(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            except OSError as error:
+                for part in parts:
+                    self.sock.sendall(part)
+            except (OSError, ValueError) as error:  # socket.timeout is an OSError
+                self._closed_by_error()
                 raise ChannelClosed(f"send failed: {error}") from None
+        finally:
+            self._send_lock.release()
+        return True
 
-    def recv(self, timeout: float | None = None):
-        """The next message; ``TimeoutError`` if none starts within ``timeout`` seconds."""
-        if timeout is not None and not self.poll(timeout):
-            raise TimeoutError("no message")
-        (length,) = _HEADER.unpack(self._recv_exact(_HEADER.size))
-        if length > _MAX_HEADER:
-            raise ChannelClosed(f"message header of {length} bytes is not from a pool peer")
-        meta, body = _restricted_loads(self._recv_exact(length), [])
-        tensors = []
-        for dtype, shape, nbytes in meta:
-            dtype = getattr(torch, dtype)
-            if nbytes == 0:
-                tensors.append(torch.empty(shape, dtype=dtype))
-                continue
-            data = bytearray(nbytes)
-            self._recv_into(memoryview(data))
-            tensors.append(torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape))
-        return _restricted_loads(body, tensors)
-
-    def poll(self, timeout: float = 0.0) -> bool:
+    def read_available(self) -> list:
+        """The messages completed by the bytes available now (one read; never blocks). ChannelClosed on EOF."""
         if self._closed:
             raise ChannelClosed("channel is closed")
-        readable, _, _ = select.select([self.sock], [], [], timeout)
-        return bool(readable)
+        try:
+            data = self.sock.recv(_CHUNK, getattr(socket, "MSG_DONTWAIT", 0))
+        except (BlockingIOError, InterruptedError, socket.timeout):
+            return []
+        except (OSError, ValueError) as error:
+            raise ChannelClosed(f"connection lost: {error}") from None
+        if not data:
+            raise ChannelClosed("connection closed by the other end")
+        return self._reader.feed(data)
+
+    @property
+    def partial(self) -> bool:
+        """A frame from the other end has started but not finished."""
+        return self._reader.partial
+
+    def recv(self, timeout: float | None = None):
+        """The next whole message; ``TimeoutError`` if it has not arrived within ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._ready:
+            if self._closed:
+                raise ChannelClosed("channel is closed")
+            if self._selector is None:
+                self._selector = selectors.DefaultSelector()
+                self._selector.register(self.sock, selectors.EVENT_READ)
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._selector.select(wait if wait is None else min(wait, 1.0)):
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("no message")
+                continue
+            self._ready.extend(self.read_available())
+        return self._ready.popleft()
 
     def fileno(self) -> int:
         return self.sock.fileno()
+
+    def _closed_by_error(self) -> None:
+        self._closed = True
+        try:
+            self.sock.close()
+        except OSError:
+            pass
 
     def close(self) -> None:
         if self._closed:
@@ -184,33 +340,31 @@ class Channel:
         except OSError:
             pass
         self.sock.close()
+        if self._selector is not None:
+            self._selector.close()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    # -- raw io ------------------------------------------------------------------------------------------
-    def _sendall(self, data) -> None:
-        self.sock.sendall(data)
 
-    def _recv_exact(self, n: int) -> bytes:
-        data = bytearray(n)
-        self._recv_into(memoryview(data))
-        return bytes(data)
-
-    def _recv_into(self, view: memoryview) -> None:
-        while len(view):
-            try:
-                got = self.sock.recv_into(view)
-            except (OSError, ValueError) as error:
-                raise ChannelClosed(f"connection lost: {error}") from None
-            if got == 0:
-                raise ChannelClosed("connection closed by the other end")
-            view = view[got:]
+def _session_keys(key: bytes, nc: bytes, nw: bytes) -> dict[str, bytes]:
+    return {d: hmac.new(key, d.encode() + nc + nw, hashlib.sha256).digest() for d in ("c2w", "w2c")}
 
 
-def _restricted_loads(data: bytes, tensors: list):
-    return _Unpickler(io.BytesIO(data), tensors).load()
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        try:
+            got = sock.recv(n - len(data))
+        except socket.timeout:
+            raise TimeoutError("handshake timed out") from None
+        except OSError as error:
+            raise ChannelClosed(f"connection lost: {error}") from None
+        if not got:
+            raise ChannelClosed("connection closed by the other end")
+        data += got
+    return bytes(data)
 
 
 def listen(host: str, port: int, backlog: int = 64) -> socket.socket:

@@ -6,9 +6,9 @@ connects to the pool's controller, proves it holds the pool key, joins the torch
 GPUs, gloo on CPUs) and then runs the same jobs as every other rank, in the order the controller sends them.
 
 Threads: the main thread runs jobs; a reader thread takes messages from the controller (jobs go to a queue,
-``cancel`` sets a flag the sampler polls every step, ``exit`` ends the process even mid-collective); a heartbeat
-thread reports state and memory every second; a watchdog ends the process when the parent process or the
-controller disappears, so a worker never outlives the pool that started it.
+``Cancel`` sets a flag the sampler polls every step, ``Exit`` ends the process at once, even mid-collective); a
+heartbeat thread reports state, step and memory every second; a watchdog ends the process when the parent
+process or the controller disappears, so a worker never outlives the pool that started it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
@@ -25,10 +26,11 @@ import time
 import traceback
 from datetime import timedelta
 
-from .channel import EXIT_RESTART, PROTOCOL, Channel, ChannelClosed
+from ..errors import ChannelClosed, ModelError
+from . import protocol as p
+from .channel import EXIT_RESTART, PROTOCOL, Channel, check_key
 
 log = logging.getLogger("comfyui_xdit_cogvideo.worker")
-
 
 
 def _memory(device) -> dict:
@@ -47,6 +49,16 @@ def _memory(device) -> dict:
     return {"rss": rss}
 
 
+def _quit(code: int) -> None:
+    """Leave now: flush what we printed, skip interpreter teardown (a collective may still block a thread)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 class Worker:
     def __init__(self, channel: Channel, rank: int, world: int, device: str, backend: str,
                  parent_pid: int | None, remote: bool):
@@ -61,7 +73,9 @@ class Worker:
         self.commands: queue.Queue = queue.Queue()
         self.state = "starting"
         self.job: int | None = None
+        self.phase = ""
         self.step = (0, 0)
+        self.tick = 0
         self.engine = None
         self.engine_key = None
         self.attention: str | None = None
@@ -74,46 +88,47 @@ class Worker:
         self.controller_timeout = 60.0
         self.last_rx = time.monotonic()
         self._cancelled: set[int] = set()
-        self._fault: dict | None = None
+        self._fault: p.Fault | None = None
+        self._fault_count = 0
         self.exit_code: int | None = None
         self._lock = threading.Lock()
 
     # -- threads -----------------------------------------------------------------------------------------
-    def _send(self, message) -> None:
+    def send(self, message: p.Message) -> None:
         try:
-            self.channel.send(message)
+            self.channel.send(message.encode())
         except ChannelClosed:
             self._lost("controller connection closed")
 
     def _lost(self, why: str) -> None:
         if self.exit_code is not None:  # asked to exit; the controller may close first
-            os._exit(self.exit_code)
+            _quit(self.exit_code)
         log.warning("rank %d: %s; exiting", self.rank, why)
-        os._exit(EXIT_RESTART if self.remote else 0)
+        _quit(EXIT_RESTART if self.remote else 0)
 
     def _reader(self) -> None:
         while True:
             try:
-                message = self.channel.recv()
+                message = p.decode(self.channel.recv())
             except ChannelClosed:
                 self._lost("controller connection closed")
+            except Exception as error:  # a frame that failed its check: this connection cannot be trusted
+                self._lost(f"bad message from the controller: {error}")
             self.last_rx = time.monotonic()
-            op = message.get("op")
-            if op == "ping":
+            if isinstance(message, p.Ping):
                 continue
-            if op == "cancel":
+            if isinstance(message, p.Cancel):
                 with self._lock:
-                    self._cancelled.add(message["id"])
-            elif op == "fault":
-                with self._lock:
-                    self._fault = dict(message, count=0)
-            elif op == "exit":
-                code = self.exit_code = int(message.get("code", 0))
-                self.commands.put(message)
-                if self.state != "idle":
-                    # The main thread is inside a job (perhaps blocked in a collective whose peer is gone).
-                    threading.Timer(3.0, os._exit, (code,)).start()
-                return
+                    self._cancelled.add(message.id)
+            elif isinstance(message, p.Fault):
+                if p.testing_enabled():
+                    with self._lock:
+                        self._fault, self._fault_count = message, 0
+                else:
+                    log.warning("rank %d: ignored a fault-injection message (testing is off)", self.rank)
+            elif isinstance(message, p.Exit):
+                self.exit_code = int(message.code)
+                _quit(self.exit_code)  # nothing of a worker needs an orderly interpreter exit
             else:
                 self.commands.put(message)
 
@@ -121,22 +136,22 @@ class Worker:
         while True:
             time.sleep(self.heartbeat)
             try:
-                self._send(self.snapshot())
+                self.send(self.snapshot())
             except Exception:  # a snapshot racing a model swap must not end the heartbeats (the pool would
                 log.exception("rank %d: heartbeat failed", self.rank)  # then declare this rank frozen)
 
     def _watchdog(self) -> None:
         while True:
-            time.sleep(0.5)
+            time.sleep(0.25)
             if self.exit_code is not None:
                 continue
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("rank %d: parent process %d is gone; exiting", self.rank, self.parent_pid)
-                os._exit(0)
+                _quit(0)
             if time.monotonic() - self.last_rx > self.controller_timeout:
                 self._lost(f"no message from the controller for {self.controller_timeout:.0f} s")
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> p.Heartbeat:
         model = layout = None
         engine, key = self.engine, self.engine_key  # read once: a job thread may swap them meanwhile
         if engine is not None and key is not None:
@@ -145,50 +160,55 @@ class Worker:
                      "attention": self.attention, "variant": engine.info.variant}
             lay = engine.groups.layout
             layout = [lay.cfg, lay.ulysses, lay.ring]
-        return {"op": "hb", "rank": self.rank, "state": self.state, "job": self.job, "step": list(self.step),
-                "memory": _memory(self.device), "model": model, "layout": layout, "loads": self.loads,
-                "vae_loads": self.vae_loads}
+        return p.Heartbeat(rank=self.rank, state=self.state, job=self.job, phase=self.phase, step=list(self.step),
+                           tick=self.tick, memory=_memory(self.device), model=model, layout=layout, loads=self.loads,
+                           vae_loads=self.vae_loads)
 
     # -- resident state ----------------------------------------------------------------------------------
-    def _free_engine(self) -> None:
+    def _free_cached(self) -> None:
         import torch
 
-        self.engine = self.engine_key = self.attention = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def engine_for(self, spec: dict, report: bool, job: int):
+    def engine_for(self, spec: p.ModelSpec, report: bool, job: int):
         """The resident engine for ``spec``, loading it only when the weights or dtype changed."""
         from ..engine import CogVideoEngine
-        from ..loading import ModelSource
         from ..parallel import ParallelGroups
 
-        key = (spec["path"], spec.get("vae"), spec.get("text_encoder"), spec["dtype"])
+        key = spec.weights_key
         if self.engine is not None and self.engine_key == key:
             return self.engine
-        self._free_engine()
+        self.engine = self.engine_key = self.attention = None
+        self._free_cached()
         if self.vae_key is not None and self.vae_key != key:
             self.vae = self.vae_key = None
-        previous, self.state = self.state, "loading"
+        previous, self.state, self.phase = self.state, "loading", "load"
         if report:
-            self._send({"op": "event", "id": job, "phase": "load", "step": 0, "total": 1})
-        source = ModelSource(spec["path"], vae=spec.get("vae"), text_encoder=spec.get("text_encoder"))
-        engine = CogVideoEngine(source, dtype=spec["dtype"], device=self.device, groups=ParallelGroups.single(),
-                                attention=spec["attention"])
+            self.send(p.Event(job, "load", 0, 1))
+        try:
+            engine = CogVideoEngine(spec.source, dtype=spec.dtype, device=self.device,
+                                    groups=ParallelGroups.single(), attention=spec.attention)
+        except OSError as error:  # unreadable or truncated weights: the model's fault, not this process's
+            raise ModelError(f"cannot load {spec.source.path}: {error}") from error
+        except Exception as error:
+            if type(error).__name__ == "SafetensorError":
+                raise ModelError(f"cannot load {spec.source.path}: {error}") from error
+            raise
         if self.vae is not None and engine.loaded_vae is None:
             engine.attach_vae(self.vae)  # share the decode VAE with the sampler (I2V encodes its image with it)
-        self.engine, self.engine_key, self.attention = engine, key, spec["attention"]
+        self.engine, self.engine_key, self.attention = engine, key, spec.attention
         self.loads += 1
         self.state = previous
         if report:
-            self._send({"op": "event", "id": job, "phase": "load", "step": 1, "total": 1})
+            self.send(p.Event(job, "load", 1, 1))
         return engine
 
-    def vae_for(self, spec: dict):
-        from ..loading import ModelSource, load_vae, parse_dtype, read_model_info
+    def vae_for(self, spec: p.ModelSpec):
+        from ..loading import load_vae, parse_dtype, read_model_info
 
-        key = (spec["path"], spec.get("vae"), spec.get("text_encoder"), spec["dtype"])
+        key = spec.weights_key
         if self.vae is not None and self.vae_key == key:
             return self.vae
         if self.engine is not None and self.engine_key == key and self.engine.loaded_vae is not None:
@@ -196,8 +216,7 @@ class Worker:
             return self.vae
         self.vae = self.vae_key = None
         gc.collect()
-        source = ModelSource(spec["path"], vae=spec.get("vae"), text_encoder=spec.get("text_encoder"))
-        vae = load_vae(source.resolve(), parse_dtype(spec["dtype"]), self.device, read_model_info(source))
+        vae = load_vae(spec.source.resolve(), parse_dtype(spec.dtype), self.device, read_model_info(spec.source))
         self.vae, self.vae_key = vae, key
         self.vae_loads += 1
         if self.engine is not None and self.engine_key == key and self.engine.loaded_vae is None:
@@ -221,41 +240,68 @@ class Worker:
 
     # -- jobs --------------------------------------------------------------------------------------------
     def _should_cancel(self, job: int):
+        """Polled by the engine at every step boundary: counts the boundary, fires a test fault, reads Cancel."""
         def poll() -> bool:
             with self._lock:
                 fault = self._fault
                 if fault is not None:
-                    fault["count"] += 1
-                    if fault["count"] >= fault.get("step", 1):
+                    self._fault_count += 1
+                    if self._fault_count >= fault.step:
                         self._fault = None
-                        self._fire(fault)
-                return job in self._cancelled
+                    else:
+                        fault = None
+                cancelled = job in self._cancelled
+            if fault is not None:
+                self._fire(fault)
+            self.tick += 1
+            return cancelled
         return poll
 
-    def _fire(self, fault: dict) -> None:
-        kind = fault.get("kind")
-        log.warning("rank %d: injected fault %r", self.rank, kind)
-        if kind == "raise":
+    def _fire(self, fault: p.Fault) -> None:
+        """Testing only (see protocol.Fault)."""
+        log.warning("rank %d: injected fault %r", self.rank, fault.kind)
+        if fault.kind == "raise":
             raise RuntimeError(f"injected fault on rank {self.rank}")
-        if kind == "exit":
-            os._exit(17)
-        if kind == "freeze":
-            import signal
+        if fault.kind == "exit":
+            _quit(17)
+        if fault.kind == "freeze":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        if fault.kind == "hang":
+            import torch
+            import torch.distributed as dist
 
+            if self.world > 1:  # a receive no peer will ever answer: stuck inside torch.distributed
+                dist.recv(torch.zeros(1), src=(self.rank + 1) % self.world)
+            threading.Event().wait()
+        if fault.kind == "tamper":  # a frame whose bytes changed on the way: the controller must reject it
+            from .channel import encode_frame
+
+            channel = self.channel
+            with channel._send_lock:
+                parts = encode_frame(self.snapshot().encode(), channel._key_out, channel._send_seq)
+                channel._send_seq += 1
+                parts[0] = parts[0][:-1] + bytes([parts[0][-1] ^ 1])
+                for part in parts:
+                    channel.sock.sendall(part)
+        if fault.kind == "partial":
+            from .channel import encode_frame
+
+            head = encode_frame({"op": "hb"}, b"\0" * 32, 0)[0]
+            self.channel._send_lock.acquire()  # nobody else may send: the controller sees half a frame, then silence
+            self.channel.sock.sendall(head[:len(head) // 2])
             os.kill(os.getpid(), signal.SIGSTOP)
 
-    def run_generate(self, message: dict):
+    def run_generate(self, job: p.Job):
         from ..layout import Layout
         from ..request import GenerationRequest
 
-        job = message["id"]
-        groups = self.groups_for(Layout(*message["layout"]))
-        if groups is None:
-            return None
-        engine = self.engine_for(message["model"], groups.is_leader, job)
-        self.configure(engine, groups, message["model"]["attention"])
-        request = GenerationRequest(**message["request"])
-        self.state = "sampling"
+        args = job.args
+        spec = p.ModelSpec.from_wire(job.model)
+        groups = self.groups_for(Layout(*args["layout"]))
+        engine = self.engine_for(spec, groups.is_leader, job.id)
+        self.configure(engine, groups, spec.attention)
+        request = GenerationRequest(**args["request"])
+        self.state, self.phase = "sampling", "sample"
         clock = {"last": time.perf_counter()}
 
         def on_step(step, total, latents):
@@ -263,21 +309,20 @@ class Worker:
             seconds, clock["last"] = now - clock["last"], now
             self.step = (step, total)
             preview = latents[0, latents.shape[1] // 2].detach().float().cpu()
-            self._send({"op": "event", "id": job, "phase": "sample", "step": step, "total": total,
-                        "seconds_per_step": seconds, "preview": preview})
+            self.send(p.Event(job.id, "sample", step, total, seconds, preview))
 
-        latents = engine.generate(request, on_step=on_step, should_cancel=self._should_cancel(job))
+        latents = engine.generate(request, on_step=on_step, should_cancel=self._should_cancel(job.id))
         return latents if groups.is_leader else None
 
-    def run_decode(self, message: dict):
+    def run_decode(self, job: p.Job):
         import torch.distributed as dist
 
         from ..vae_parallel import Tiling, decode_latents
 
-        job = message["id"]
-        vae = self.vae_for(message["model"])
-        self.state = "decoding"
-        tiling = Tiling(*message["tiling"]) if message.get("tiling") else None
+        args = job.args
+        vae = self.vae_for(p.ModelSpec.from_wire(job.model))
+        self.state, self.phase = "decoding", "decode"
+        tiling = Tiling(*args["tiling"]) if args.get("tiling") else None
         clock = {"last": time.perf_counter()}
 
         def on_progress(step, total):
@@ -285,67 +330,69 @@ class Worker:
             seconds, clock["last"] = now - clock["last"], now
             self.step = (step, total)
             if self.rank == 0:
-                self._send({"op": "event", "id": job, "phase": "decode", "step": step, "total": total,
-                            "seconds_per_step": seconds})
+                self.send(p.Event(job.id, "decode", step, total, seconds))
 
-        group = dist.group.WORLD if self.world > 1 else None
-        return decode_latents(vae, message["latents"], message.get("frames"), bool(message.get("tiled", True)),
-                              tiling, group, on_progress, self._should_cancel(job))
+        group = dist.group.WORLD if self.world > 1 and not args.get("leader_only") else None
+        return decode_latents(vae, args["latents"], args.get("frames"), bool(args.get("tiled", True)),
+                              tiling, group, on_progress, self._should_cancel(job.id))
 
-    def run_encode(self, message: dict):
-        job = message["id"]
-        engine = self.engine_for(message["model"], True, job)
-        self.state = "encoding"
-        self._send({"op": "event", "id": job, "phase": "encode", "step": 0, "total": 1})
-        positive, negative = engine.encode_prompt(message["prompt"], message.get("negative", ""))
-        self._send({"op": "event", "id": job, "phase": "encode", "step": 1, "total": 1})
+    def run_encode(self, job: p.Job):
+        engine = self.engine_for(p.ModelSpec.from_wire(job.model), True, job.id)
+        self.state, self.phase = "encoding", "encode"
+        self.send(p.Event(job.id, "encode", 0, 1))
+        positive, negative = engine.encode_prompt(job.args["prompt"], job.args.get("negative", ""))
+        self.send(p.Event(job.id, "encode", 1, 1))
         return [positive.cpu(), negative.cpu()]
 
-    def run(self) -> int:
-        from ..engine import GenerationCancelled
+    def run(self) -> None:
+        from ..errors import GenerationCancelled
 
         handlers = {"generate": self.run_generate, "decode": self.run_decode, "encode": self.run_encode}
         self.state = "idle"
         while True:
-            message = self.commands.get()
-            if message["op"] == "exit":
-                return int(message.get("code", 0))
-            if message["op"] != "job":
+            job = self.commands.get()
+            if not isinstance(job, p.Job):
                 continue
-            job = message["id"]
-            self.job, self.step = job, (0, 0)
-            result, done = None, {"op": "done", "id": job, "status": "ok"}
+            self.job, self.step, self.tick, self.phase = job.id, (0, 0), 0, "queued"
+            result, done = None, p.Done(job.id, "ok")
             try:
-                result = handlers[message["kind"]](message)
+                result = handlers[job.kind](job)
             except GenerationCancelled:
-                done["status"] = "cancelled"
+                done.status = "cancelled"
             except Exception as error:  # reported to the caller with this rank's traceback
-                log.error("rank %d: job %d failed: %s", self.rank, job, error)
-                done.update(status="error", type=type(error).__name__, message=str(error),
-                            traceback=traceback.format_exc())
-            self.state, self.job = "idle", None
+                log.error("rank %d: job %d failed: %s", self.rank, job.id, error)
+                done.status = "error"
+                done.error = vars(p.ErrorInfo.of(error, traceback.format_exc()))
+            self.state, self.job, self.phase = "idle", None, ""
             with self._lock:
-                self._cancelled.discard(job)
+                self._cancelled.discard(job.id)
+            if done.status != "ok":
+                result = None
+                self._free_cached()  # nothing of a failed job may stay cached on the device
             if result is not None:
-                self._send({"op": "result", "id": job, "value": result})
-            self._send(self.snapshot())  # the caller's next status() sees this rank idle
-            self._send(done)
+                self.send(p.Result(job.id, result))
+            self.send(self.snapshot())  # the caller's next status() sees this rank idle
+            self.send(done)
 
 
-def _store(rank: int, world: int, timeout: timedelta, session: str):
-    """The rendezvous store at $MASTER_ADDR:$MASTER_PORT, its keys prefixed by this pool session.
+def _store(welcome: p.Welcome, rank: int, world: int, timeout: timedelta):
+    """The rendezvous store, its keys prefixed by this pool session.
 
-    Under torchrun the store outlives a restart of the workers (it belongs to the agents), so keys written by
-    the previous workers (their addresses) would still be there; the controller hands out a new session on
-    every start, which keeps each generation of workers to its own keys.
+    Local pools: a FileStore in the controller's private (0700) folder, so nothing listens on the network.
+    torchrun workers: the TCP store at $MASTER_ADDR:$MASTER_PORT. Under torchrun the store outlives a restart of
+    the workers (it belongs to the agents), so keys written by the previous workers would still be there; the
+    controller hands out a new session on every start, which keeps each generation of workers to its own keys.
     """
     import torch.distributed as dist
 
-    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent_store, timeout=timeout,
-                          multi_tenant=not agent_store)
-    return dist.PrefixStore(f"xdit-cogvideo/{session}", store)
+    if welcome.store:
+        store = dist.FileStore(welcome.store, world)
+    else:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        store = dist.TCPStore(host, port, world, is_master=rank == 0 and not agent_store, timeout=timeout,
+                              multi_tenant=not agent_store)
+    return dist.PrefixStore(f"xdit-cogvideo/{welcome.session}", store)
 
 
 def _parse_address(text: str) -> tuple[str, int]:
@@ -355,16 +402,19 @@ def _parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _connect(host: str, port: int, key: bytes, deadline: float) -> Channel:
+def _connect(host: str, port: int, key: bytes, deadline: float, parent_pid: int | None) -> Channel:
+    """Connect to the controller, retrying until ``deadline``; give up at once when our parent is gone."""
     while True:
+        if parent_pid is not None and os.getppid() != parent_pid:
+            raise SystemExit(0)  # the process that started us died before we connected: nobody to serve
         try:
-            return Channel.connect(host, port, key)
-        except (ConnectionRefusedError, socket.timeout, OSError) as error:
+            return Channel.connect(host, port, key, timeout=10.0)
+        except (ConnectionRefusedError, socket.timeout, TimeoutError, ChannelClosed, OSError) as error:
             if isinstance(error, ConnectionError) and "key" in str(error):
-                raise
+                raise SystemExit(f"error: {error}") from None
             if time.monotonic() > deadline:
                 raise SystemExit(f"error: cannot reach the pool controller at {host}:{port}: {error}") from None
-            time.sleep(1.0)
+            time.sleep(0.25)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,7 +431,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--connect-timeout", type=float, default=600.0,
                         help="seconds to keep retrying the controller (default 600)")
-    parser.add_argument("--pg-timeout", type=float, default=1800.0, help="torch.distributed timeout in seconds")
     args = parser.parse_args(argv)
 
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
@@ -391,9 +440,14 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"[xdit-cogvideo worker {rank}] %(levelname)s %(message)s")
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "DIFFUSERS_VERBOSITY_PROGRESS"):
         os.environ.setdefault(name, "1")
-    key = os.environ.get("XDIT_COGVIDEO_POOL_KEY", "").encode()
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a failed NCCL call ends the process
+    try:
+        key = check_key(os.environ.get("XDIT_COGVIDEO_POOL_KEY", "").encode())
+    except ConnectionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     host, port = _parse_address(args.connect)
-    channel = _connect(host, port, key, time.monotonic() + args.connect_timeout)
+    channel = _connect(host, port, key, time.monotonic() + args.connect_timeout, args.parent_pid)
 
     import torch
     import torch.distributed as dist
@@ -416,43 +470,36 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", 0)
     backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
 
-    channel.send({"op": "hello", "rank": rank, "world": world, "pid": os.getpid(), "host": socket.gethostname(),
-                  "device": str(device), "backend": backend, "protocol": PROTOCOL,
-                  "visible": os.environ.get("CUDA_VISIBLE_DEVICES")})
-    welcome = channel.recv(timeout=60)
-    if welcome.get("op") != "welcome":
-        print(f"error: the pool refused this worker: {welcome.get('reason', welcome)}", file=sys.stderr)
+    channel.send(p.Hello(rank=rank, world=world, pid=os.getpid(), host=socket.gethostname(), device=str(device),
+                         backend=backend, protocol=PROTOCOL, visible=os.environ.get("CUDA_VISIBLE_DEVICES")).encode())
+    welcome = p.decode(channel.recv(timeout=60))
+    if not isinstance(welcome, p.Welcome):
+        print(f"error: the pool refused this worker: {getattr(welcome, 'reason', welcome)}", file=sys.stderr)
         return 2
     worker = Worker(channel, rank, world, str(device), backend, args.parent_pid, remote)
-    worker.heartbeat = float(welcome.get("heartbeat", 1.0))
-    worker.controller_timeout = float(welcome.get("timeout", 60.0))
+    worker.heartbeat = float(welcome.heartbeat)
+    worker.controller_timeout = float(welcome.timeout)
     for target in (worker._reader, worker._heartbeats, worker._watchdog):
         threading.Thread(target=target, daemon=True, name=target.__name__).start()
     try:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        timeout = timedelta(seconds=args.pg_timeout)
+        timeout = timedelta(seconds=welcome.pg_timeout)
         # No device_id: a bound default group makes torch split every NCCL subgroup from it, and non-members of
         # a gloo subgroup then split alone and hang (see ParallelGroups.create).
-        dist.init_process_group(backend, store=_store(rank, world, timeout, str(welcome.get("session", ""))),
-                                rank=rank, world_size=world, timeout=timeout)
+        dist.init_process_group(backend, store=_store(welcome, rank, world, timeout), rank=rank, world_size=world,
+                                timeout=timeout)
     except Exception as error:
-        channel.send({"op": "ready", "ok": False, "type": type(error).__name__, "message": str(error),
-                      "traceback": traceback.format_exc()})
+        worker.send(p.Ready(False, vars(p.ErrorInfo.of(error, traceback.format_exc()))))
         time.sleep(0.5)
         return 1
+    from .. import engine, vae_parallel  # noqa: F401  (imported now, not by the first job: its deadline is for work)
+
     worker.state = "idle"
-    channel.send(worker.snapshot())  # before "ready", so the pool's first status already has it
-    channel.send({"op": "ready", "ok": True})
-    code = worker.run()
-    worker.state = "exiting"
-    finisher = threading.Thread(target=dist.destroy_process_group, daemon=True)
-    finisher.start()
-    finisher.join(5.0)
-    channel.close()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    worker.send(worker.snapshot())  # before Ready, so the pool's first status already has it
+    worker.send(p.Ready(True))
+    worker.run()
+    return 0
 
 
 if __name__ == "__main__":
