@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     host, port = _parse_address(args.connect)
-    channel = _connect(host, port, key, time.monotonic() + args.connect_timeout, args.parent_pid)
+    connect_deadline = time.monotonic() + args.connect_timeout
 
     import torch
     import torch.distributed as dist
@@ -470,6 +470,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", 0)
     backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
 
+    # Connect only now that the slow imports are done: the pool gives each connection HANDSHAKE_TIMEOUT to say hello.
+    channel = _connect(host, port, key, connect_deadline, args.parent_pid)
     channel.send(p.Hello(rank=rank, world=world, pid=os.getpid(), host=socket.gethostname(), device=str(device),
                          backend=backend, protocol=PROTOCOL, visible=os.environ.get("CUDA_VISIBLE_DEVICES")).encode())
     welcome = p.decode(channel.recv(timeout=60))
