@@ -33,6 +33,7 @@ class CogVideoEngine:
         groups: ParallelGroups | None = None,
         attention: str = "auto",
         optimize="auto",
+        loras=(),
     ):
         self.source = ModelSource(source) if isinstance(source, str) else source
         self.resolved = self.source.resolve()
@@ -42,6 +43,7 @@ class CogVideoEngine:
         self._vae = None
         self._text = None
         self._setup(attention, optimize)
+        self.set_loras(loras)
 
     @classmethod
     def from_components(
@@ -54,6 +56,7 @@ class CogVideoEngine:
         groups: ParallelGroups | None = None,
         attention: str = "auto",
         optimize="auto",
+        loras=(),
     ) -> "CogVideoEngine":
         """An engine over models already in memory (benchmarks, random full-size weights); no files read.
 
@@ -76,12 +79,26 @@ class CogVideoEngine:
         self._vae = vae
         self._text = (tokenizer, text_encoder) if text_encoder is not None else None
         self._setup(attention, optimize)
+        self.set_loras(loras)
         return self
 
     def _setup(self, attention: str, optimize) -> None:
+        from .lora import LoraManager
+
         self.rebind(self.groups, attention)
         self.optimizer = None
+        self.lora = LoraManager(self.transformer)
         self.optimize(optimize)
+
+    def set_loras(self, loras) -> None:
+        """Merge exactly these LoRAs (``LoraSpec``, ``(path, strength)`` or ``"FILE[:STRENGTH]"``) into the resident
+        weights, replacing the previous set; the base model is never reloaded (``comfyui_xdit_cogvideo.lora``)."""
+        self.lora.set(loras)
+
+    @property
+    def loras(self) -> list[dict]:
+        """The active LoRAs: name, path, strength, format, matched layers."""
+        return self.lora.summary()
 
     def rebind(self, groups: ParallelGroups, attention: str) -> None:
         """Point the resident transformer at other process groups or another attention kernel; no weights move."""
@@ -99,11 +116,14 @@ class CogVideoEngine:
         from .optimize import OptimizeOptions, optimize_transformer, remove_optimizations
 
         parsed = OptimizeOptions.parse(options, self.device)
+        active = self.lora.specs
+        self.lora.clear()  # fusing or fp8 rebuilds weights: merge again on the new storage from the originals
         if parsed is None:
             remove_optimizations(self.transformer)
             self.optimizer = None
         else:
             self.optimizer = optimize_transformer(self.transformer, parsed)
+        self.lora.set(active)
         return self.optimizer
 
     @property
