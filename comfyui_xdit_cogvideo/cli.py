@@ -52,6 +52,9 @@ def _build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     model.add_argument("--text-encoder", help="T5 folder with its tokenizer (for a single-file transformer)")
     model.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
     model.add_argument("--attention", default="auto", help="attention kernel: auto, cudnn, flash, sdpa, fa4, ...")
+    model.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                       help="a LoRA .safetensors merged into the weights, strength 1.0 = as trained (default); "
+                            "repeat for several")
     text = g.add_argument_group("prompt").add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="text prompt (encoded by the model's T5)")
     text.add_argument("--embeds", help="safetensors with prompt_embeds [1, 226, D] (and optional "
@@ -344,12 +347,15 @@ def _generate(args) -> int:
     from .layout import choose_layout
     from .limits import check_memory
     from .loading import ModelSource, read_model_info
+    from .lora import LoraSpec
     from .parallel.kernels import resolve_kernel
     from .pool import ModelSpec, get_pool, parse_devices
     from .request import GenerationRequest
 
     dtype = args.dtype or ("bf16" if kind == "cuda" else "fp32")
-    spec = ModelSpec(ModelSource(args.model, vae=args.vae, text_encoder=args.text_encoder), dtype, args.attention)
+    loras = tuple(LoraSpec.parse(text) for text in args.lora)
+    spec = ModelSpec(ModelSource(args.model, vae=args.vae, text_encoder=args.text_encoder), dtype, args.attention,
+                     loras)
     spec.validate()
     try:
         resolve_kernel(args.attention, "cuda" if kind == "cuda" else "cpu")
@@ -393,6 +399,8 @@ def _generate(args) -> int:
     sampled = time.perf_counter()
     summary = {"latents_shape": list(latents.shape), "layout": str(layout), "devices": str(pool.devices),
                "sample_seconds": round(sampled - started, 3)}
+    if loras:
+        summary["loras"] = [[lora.name, lora.strength] for lora in loras]
     if latents_out is not None:
         from safetensors.torch import save_file
 
@@ -440,6 +448,8 @@ def _pool_status(args) -> int:
         layout = status.get("layout")
         shown = str(Layout(*layout)) if isinstance(layout, (list, tuple)) and len(layout) == 3 else layout
         print(f"model {m['path']} ({m.get('variant')}, {m['dtype']}, attention {m['attention']}), layout {shown}")
+        for lora in m.get("loras") or []:
+            print(f"  LoRA {lora['name']} strength {lora['strength']:g} ({lora['format']}, {lora['layers']} layers)")
     for r in status["ranks"]:
         mem = r["memory"]
         if "allocated" in mem:

@@ -10,6 +10,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .lora import LoraLoader
 from .models import ModelLoader, register_folders
 from .parallel import ParallelConfigNode
 from .routes import register_routes
@@ -18,7 +19,7 @@ from .text import TextEncodeCLIP, TextEncodeModelT5
 from .video import Decode, SaveVideo
 
 NODES: list[type[io.ComfyNode]] = [
-    ModelLoader, ParallelConfigNode, TextEncodeCLIP, TextEncodeModelT5, Sampler, Decode, SaveVideo,
+    ModelLoader, LoraLoader, ParallelConfigNode, TextEncodeCLIP, TextEncodeModelT5, Sampler, Decode, SaveVideo,
 ]
 
 register_folders()

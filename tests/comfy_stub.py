@@ -258,6 +258,7 @@ def _folder_paths(base: Path):
         "vae": ([str(base / "models" / "vae")], exts),
         "text_encoders": ([str(base / "models" / "text_encoders"), str(base / "models" / "clip")], exts),
         "diffusers": ([str(base / "models" / "diffusers")], ["folder"]),
+        "loras": ([str(base / "models" / "loras")], exts),
     }
     output = base / "output"
 
@@ -277,7 +278,25 @@ def _folder_paths(base: Path):
         counter = 1 + sum(1 for f in os.listdir(folder) if f.startswith(filename + "_"))
         return folder, filename, counter, subfolder, filename_prefix
 
+    def get_filename_list(name):
+        names = []
+        for root in get_folder_paths(name):
+            for folder, _, files in os.walk(root, followlinks=True):
+                for f in files:
+                    if os.path.splitext(f)[1].lower() in fp.folder_names_and_paths[name][1]:
+                        names.append(os.path.relpath(os.path.join(folder, f), root).replace(os.sep, "/"))
+        return sorted(names)
+
+    def get_full_path(name, filename):
+        for root in get_folder_paths(name):
+            path = os.path.join(root, filename)
+            if os.path.isfile(path):
+                return path
+        return None
+
     fp.get_folder_paths = get_folder_paths
+    fp.get_filename_list = get_filename_list
+    fp.get_full_path = get_full_path
     fp.add_model_folder_path = add_model_folder_path
     fp.get_output_directory = lambda: str(output)
     fp.get_save_image_path = get_save_image_path

@@ -101,12 +101,17 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny_path):
     base = tmp_path_factory.mktemp("comfy-base")
-    for sub in ("custom_nodes", "models/CogVideo", "input", "output"):
+    for sub in ("custom_nodes", "models/CogVideo", "models/loras", "input", "output"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACKAGE
     link.symlink_to(ROOT, target_is_directory=True)
     for variant in ("2b", "5b-i2v"):
         (base / "models" / "CogVideo" / f"tiny-{variant}").symlink_to(tiny_path(variant), target_is_directory=True)
+    from comfyui_xdit_cogvideo.lora import random_factors, write_random_lora
+
+    config = json.loads((tiny_path("2b") / "transformer" / "config.json").read_text())
+    write_random_lora(base / "models" / "loras" / "tiny-2b-kohya.safetensors", random_factors(config, std=0.5),
+                      "kohya", alpha=2.0)
     from PIL import Image
 
     Image.new("RGB", (64, 48), (200, 120, 40)).save(base / "input" / "start.png")
@@ -153,6 +158,9 @@ def api_workflow(name: str, **overrides) -> dict:
             inputs["image"] = "start.png"
         elif node["class_type"] == "SaveVideo":
             inputs["filename_prefix"] = overrides.get("prefix", "video/test")
+        elif node["class_type"] == "XDiTCogVideoLoraLoader":
+            inputs.update(lora_name=overrides.get("lora_name", "tiny-2b-kohya.safetensors"),
+                          strength_model=overrides.get("strength", 1.0))
         elif node["class_type"] == "XDiTCogVideoParallelConfig" and "devices" in overrides:
             inputs["devices"] = overrides["devices"]
     return prompt
@@ -177,7 +185,8 @@ def test_loads_as_v3_package_with_panel_and_templates(server):
     assert "xdit_cogvideo" not in server.log().lower() or "IMPORT FAILED" not in server.log()
     status, info = server.request("/object_info")
     ours = {k: v for k, v in info.items() if k.startswith("XDiTCogVideo")}
-    assert sorted(ours) == sorted(["XDiTCogVideoModelLoader", "XDiTCogVideoParallelConfig", "XDiTCogVideoTextEncode",
+    assert sorted(ours) == sorted(["XDiTCogVideoModelLoader", "XDiTCogVideoLoraLoader", "XDiTCogVideoParallelConfig",
+                                   "XDiTCogVideoTextEncode",
                                    "XDiTCogVideoTextEncodeModelT5", "XDiTCogVideoSampler", "XDiTCogVideoDecode",
                                    "XDiTCogVideoSaveVideo"])
     for node in ours.values():
@@ -206,7 +215,8 @@ def test_loads_as_v3_package_with_panel_and_templates(server):
     assert js == [f"/extensions/{PACKAGE}/xdit_cogvideo.js"]  # served once (WEB_DIRECTORY only)
     assert server.request(js[0])[0] == 200
     assert server.request("/workflow_templates")[1][PACKAGE] == ["cogvideox_i2v", "cogvideox_t2v",
-                                                                 "cogvideox_t2v_comfy_t5"]
+                                                                 "cogvideox_t2v_comfy_t5", "cogvideox_t2v_lora"]
+    assert info["XDiTCogVideoLoraLoader"]["input"]["required"]["lora_name"][1]["options"] == ["tiny-2b-kohya.safetensors"]
     status, template = server.request(f"/api/workflow_templates/{PACKAGE}/cogvideox_t2v.json")
     assert status == 200 and template["nodes"]
 
@@ -220,6 +230,23 @@ def test_t2v_api_workflow_writes_the_mp4(server):
     status = server.request("/xdit_cogvideo/status")[1]
     assert status["running"] is True and status["state"] == "idle" and status["world_size"] >= 1
     server.worker_pids = [r["pid"] for r in status["ranks"]]
+
+
+def test_lora_workflow_merges_on_the_workers_and_switches_without_reloading(server):
+    entry = _run(server, api_workflow("cogvideox_t2v_lora", strength=0.8, prefix="video/lora"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    (saved,) = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert _mp4_info(server.base / "output" / saved["subfolder"] / saved["filename"]) == ((48, 32), 9)
+    status = server.request("/xdit_cogvideo/status")[1]
+    assert [(x["name"], x["strength"]) for x in status["model"]["loras"]] == [("tiny-2b-kohya.safetensors", 0.8)]
+    loads = [r["loads"] for r in status["ranks"]]
+    entry = _run(server, api_workflow("cogvideox_t2v_lora", strength=-0.5, prefix="video/lora2"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    status = server.request("/xdit_cogvideo/status")[1]
+    assert [x["strength"] for x in status["model"]["loras"]] == [-0.5]
+    assert [r["loads"] for r in status["ranks"]] == loads, "changing the LoRA strength reloaded the model"
+    status, body = server.queue(api_workflow("cogvideox_t2v_lora", lora_name="missing.safetensors"))
+    assert status == 400 and "was not found in models/loras" in json.dumps(body["node_errors"])
 
 
 def test_own_save_node_instead_of_core_video_nodes(server):

@@ -18,7 +18,7 @@ from comfy_stub import ROOT, comfy_stubs
 
 UI_DIR, API_DIR, EXAMPLES = ROOT / "workflows" / "ui", ROOT / "workflows" / "api", ROOT / "example_workflows"
 VIRTUAL = {"MarkdownNote", "Note"}
-FILE_CHOICES = {"model", "vae", "text_encoder", "clip_name", "image"}  # depend on the user's folders
+FILE_CHOICES = {"model", "vae", "text_encoder", "clip_name", "image", "lora_name"}  # depend on the user's folders
 
 # (name, type, optional, options or (min, max) or None)
 CORE = {
@@ -93,7 +93,8 @@ def _files(folder: Path) -> list[Path]:
 
 
 def test_workflow_files_exist():
-    assert [p.name for p in _files(UI_DIR)] == ["cogvideox_i2v.json", "cogvideox_t2v.json", "cogvideox_t2v_comfy_t5.json"]
+    assert [p.name for p in _files(UI_DIR)] == ["cogvideox_i2v.json", "cogvideox_t2v.json", "cogvideox_t2v_comfy_t5.json",
+                                                "cogvideox_t2v_lora.json"]
     assert [p.name for p in _files(API_DIR)] == [p.stem + "_api.json" for p in _files(UI_DIR)]
     for path in _files(UI_DIR):  # the template browser's copies are the same files
         assert (EXAMPLES / path.name).read_bytes() == path.read_bytes()
@@ -188,6 +189,6 @@ def test_builder_reproduces_the_shipped_files():
     spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "workflows" / "build_workflows.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
-    for graph in (build.t2v(True), build.i2v(), build.t2v(False)):
+    for graph in (build.t2v(True), build.i2v(), build.t2v(False), build.t2v(True, lora=True)):
         assert json.loads((UI_DIR / f"{graph.name}.json").read_text()) == graph.ui()
         assert json.loads((API_DIR / f"{graph.name}_api.json").read_text()) == graph.api

@@ -65,6 +65,13 @@ function modelText(model) {
   return [name, model.variant, model.dtype, model.attention && `attention ${model.attention}`].filter(Boolean).map(esc).join(" · ");
 }
 
+function lorasText(model) {
+  const loras = model && Array.isArray(model.loras) ? model.loras : [];
+  if (!model || typeof model !== "object") return "";
+  if (!loras.length) return "none";
+  return loras.map((l) => `<span class="xdit-lora">${esc(l.name)} <b>${esc(l.strength)}</b></span>`).join(" · ");
+}
+
 function layoutText(layout) {
   if (Array.isArray(layout) && layout.length === 3) return `cfg ${layout[0]} × ulysses ${layout[1]} × ring ${layout[2]}`;
   return layout ? esc(layout) : "";
@@ -96,6 +103,7 @@ function renderInto(el) {
       row("state", `<b class="xdit-state">${esc(s.state ?? "running")}</b>`),
       row("devices", `${esc(s.devices ?? "")} <span style="opacity:.65">(${esc(s.backend ?? "")}, ${esc(s.world_size ?? "?")} rank${s.world_size === 1 ? "" : "s"})</span>`),
       row("model", modelText(s.model)),
+      row("LoRAs", lorasText(s.model)),
       row("layout", layoutText(s.layout)),
       row("jobs", s.jobs_done != null ? `${esc(s.jobs_done)} done · ${esc(s.loads ?? 0)} model load${s.loads === 1 ? "" : "s"}` : ""),
       ...Object.entries(s).filter(([k]) => !known.has(k)).map(([k, v]) => row(k, fmtValue(k, v))),

@@ -21,6 +21,7 @@ ROOT = HERE.parent
 SOCKETS = {
     "XDiTCogVideoModelLoader": ([], [("model", "XDIT_COGVIDEO_MODEL")]),
     "XDiTCogVideoParallelConfig": ([], [("parallel", "XDIT_COGVIDEO_PARALLEL")]),
+    "XDiTCogVideoLoraLoader": ([("model", "XDIT_COGVIDEO_MODEL", False)], [("model", "XDIT_COGVIDEO_MODEL")]),
     "XDiTCogVideoTextEncode": ([("clip", "CLIP", False)], [("conditioning", "CONDITIONING")]),
     "XDiTCogVideoTextEncodeModelT5": ([("model", "XDIT_COGVIDEO_MODEL", False),
                                        ("parallel", "XDIT_COGVIDEO_PARALLEL", True)],
@@ -41,6 +42,7 @@ SOCKETS = {
 WIDGETS = {
     "XDiTCogVideoModelLoader": ["model", "vae", "text_encoder", "precision", "attention"],
     "XDiTCogVideoParallelConfig": ["devices", "cfg", "ulysses", "ring"],
+    "XDiTCogVideoLoraLoader": ["lora_name", "strength_model"],
     "XDiTCogVideoTextEncode": ["text"],
     "XDiTCogVideoTextEncodeModelT5": ["prompt", "negative_prompt"],
     "XDiTCogVideoSampler": ["width", "height", "frames", "steps", "guidance", "dynamic_cfg", "seed", "scheduler"],
@@ -54,7 +56,7 @@ WIDGETS = {
 
 DISPLAY = {
     "XDiTCogVideoModelLoader": "xDiT CogVideoX Model Loader", "XDiTCogVideoParallelConfig": "xDiT CogVideoX Parallel Config",
-    "XDiTCogVideoTextEncode": "xDiT CogVideoX Text Encode (CLIP)",
+    "XDiTCogVideoTextEncode": "xDiT CogVideoX Text Encode (CLIP)", "XDiTCogVideoLoraLoader": "xDiT CogVideoX LoRA",
     "XDiTCogVideoTextEncodeModelT5": "xDiT CogVideoX Text Encode (Model T5)", "XDiTCogVideoSampler": "xDiT CogVideoX Sampler",
     "XDiTCogVideoDecode": "xDiT CogVideoX Decode", "CLIPLoader": "Load CLIP", "LoadImage": "Load Image",
     "CreateVideo": "Create Video", "SaveVideo": "Save Video",
@@ -110,6 +112,18 @@ huggingface-cli download THUDM/CogVideoX-5b-I2V --local-dir models/CogVideo/CogV
 ```
 CogVideoX-5b-I2V only runs at **720x480, 49 frames**. CogVideoX1.5-5b-I2V takes other sizes (1360x768, 81 frames,
 fps 16). The start image is centre-cropped to the video's aspect ratio and resized.
+""" + NOTE_COMMON
+
+
+LORA_NOTE = """## xDiT CogVideoX — text to video with a LoRA
+
+**Model**: a diffusers folder in `ComfyUI/models/CogVideo/` (e.g. `CogVideoX-5b`, see the *cogvideox_t2v* template).
+
+**LoRA**: a `.safetensors` LoRA **for the same model size** in `ComfyUI/models/loras/`. Chain several
+*xDiT CogVideoX LoRA* nodes for several LoRAs. Strength **1.0 = as trained** (not the official demo's 1/rank).
+Read: diffusers/PEFT (`lora_A`/`lora_B`, official finetune, finetrainers), kohya (`lora_unet_...` + alpha,
+CogVideoX-Fun) and ComfyUI-format LoRAs, DoRA included. Every GPU merges the LoRA into its weights (no slowdown);
+changing LoRAs or strengths later does not reload the model.
 """ + NOTE_COMMON
 
 
@@ -169,13 +183,19 @@ class Graph:
         }
 
 
-def t2v(model_t5: bool = True) -> Graph:
-    g = Graph("cogvideox_t2v" if model_t5 else "cogvideox_t2v_comfy_t5")
-    g.add("MarkdownNote", (0, 0), (430, 640), title="Read me: model files", text=T2V_NOTE if model_t5 else T2V_T5_NOTE)
-    loader = g.add("XDiTCogVideoModelLoader", (460, 0), (360, 200), model="CogVideoX-2b",
+def t2v(model_t5: bool = True, lora: bool = False) -> Graph:
+    g = Graph("cogvideox_t2v_lora" if lora else "cogvideox_t2v" if model_t5 else "cogvideox_t2v_comfy_t5")
+    note = LORA_NOTE if lora else T2V_NOTE if model_t5 else T2V_T5_NOTE
+    g.add("MarkdownNote", (0, 0), (430, 640), title="Read me: model files", text=note)
+    loader = g.add("XDiTCogVideoModelLoader", (460, 0), (360, 200), model="CogVideoX-5b" if lora else "CogVideoX-2b",
                    vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
     parallel = g.add("XDiTCogVideoParallelConfig", (460, 240), (360, 160), devices="auto", cfg="auto",
                      ulysses="auto", ring="auto")
+    if lora:
+        with_lora = g.add("XDiTCogVideoLoraLoader", (460, -140), (360, 100), lora_name="CogVideoX-5b-lora.safetensors",
+                          strength_model=1.0)
+        g.link(loader, "model", with_lora, "model")
+        loader = with_lora
     if model_t5:
         text = g.add("XDiTCogVideoTextEncodeModelT5", (850, 0), (400, 400), prompt=PROMPT, negative_prompt="")
         g.link(loader, "model", text, "model")
@@ -192,7 +212,7 @@ def t2v(model_t5: bool = True) -> Graph:
         pos_out = neg_out = "conditioning"
         decode_pos, video_pos, save_pos = (850, 430), (850, 580), (1280, 500)
     sampler = g.add("XDiTCogVideoSampler", (1280, 0), (330, 450), width=720, height=480, frames=49, steps=50,
-                    guidance=6.0, dynamic_cfg=False, seed=42, scheduler="default")
+                    guidance=6.0, dynamic_cfg=lora, seed=42, scheduler="default")
     g.link(loader, "model", sampler, "model")
     g.link(positive, pos_out, sampler, "positive")
     g.link(negative, neg_out, sampler, "negative")
@@ -245,7 +265,7 @@ def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
     examples = ROOT / "example_workflows"
     examples.mkdir(exist_ok=True)
-    for graph in (t2v(True), i2v(), t2v(False)):
+    for graph in (t2v(True), i2v(), t2v(False), t2v(True, lora=True)):
         ui_path = HERE / "ui" / f"{graph.name}.json"
         ui_path.write_text(json.dumps(graph.ui(), indent=2) + "\n")
         (HERE / "api" / f"{graph.name}_api.json").write_text(json.dumps(graph.api, indent=2) + "\n")

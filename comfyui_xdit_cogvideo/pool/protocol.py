@@ -203,7 +203,8 @@ def _source(value):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model the workers hold: weights (``source``), precision and attention backend.
+    """Which model the workers hold: weights (``source``), precision, attention backend, and the LoRAs merged into
+    the weights (``loras``: ``LoraSpec``s in order; changing them never reloads the base model).
 
     Travels to the workers as ``wire()`` (every field by name) and is rebuilt there by ``from_wire``: a field
     added here reaches the worker without touching the protocol.
@@ -212,10 +213,14 @@ class ModelSpec:
     source: Any
     dtype: str = "bf16"
     attention: str = "auto"
+    loras: tuple = ()
 
     def __post_init__(self):
+        from ..lora import as_specs
+
         if isinstance(self.source, (str, os.PathLike)):
             object.__setattr__(self, "source", _source(self.source))
+        object.__setattr__(self, "loras", as_specs(self.loras))
 
     def validate(self) -> None:
         from ..loading import DTYPES
@@ -225,10 +230,13 @@ class ModelSpec:
             raise ModelError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.attention != "auto" and self.attention not in KERNELS:
             raise ModelError(f"unknown attention backend {self.attention!r}; choose one of auto, {', '.join(KERNELS)}")
+        for lora in self.loras:
+            lora.validate()
 
     def wire(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
-        out.update(path=self.source.path, vae=self.source.vae, text_encoder=self.source.text_encoder)
+        out.update(path=self.source.path, vae=self.source.vae, text_encoder=self.source.text_encoder,
+                   loras=[lora.wire() for lora in self.loras])  # plain lists: the channel unpickles no classes
         return out
 
     @classmethod

@@ -157,7 +157,7 @@ class Worker:
         if engine is not None and key is not None:
             path, vae, text_encoder, dtype = key
             model = {"path": path, "vae": vae, "text_encoder": text_encoder, "dtype": dtype,
-                     "attention": self.attention, "variant": engine.info.variant}
+                     "attention": self.attention, "variant": engine.info.variant, "loras": engine.loras}
             lay = engine.groups.layout
             layout = [lay.cfg, lay.ulysses, lay.ring]
         return p.Heartbeat(rank=self.rank, state=self.state, job=self.job, phase=self.phase, step=list(self.step),
@@ -300,6 +300,7 @@ class Worker:
         groups = self.groups_for(Layout(*args["layout"]))
         engine = self.engine_for(spec, groups.is_leader, job.id)
         self.configure(engine, groups, spec.attention)
+        engine.set_loras(spec.loras)  # merged in place: the base is never reloaded
         request = GenerationRequest(**args["request"])
         self.state, self.phase = "sampling", "sample"
         clock = {"last": time.perf_counter()}
