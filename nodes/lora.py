@@ -30,7 +30,8 @@ class LoraLoader(io.ComfyNode):
                          "worker merges it into its weights (no slowdown per step); changing LoRAs or strengths "
                          "later does not reload the model. Reads diffusers/PEFT, kohya and ComfyUI-format LoRAs."),
             inputs=[
-                ModelType.Input("model"),
+                ModelType.Input("model", tooltip=(
+                    "The model handle from the xDiT CogVideoX Model Loader (or from another LoRA node).")),
                 io.Combo.Input("lora_name", options=list_loras(), tooltip=(
                     "A CogVideoX LoRA .safetensors from models/loras. It must be made for this model size "
                     "(a 2b LoRA does not fit 5b); a LoRA for another model is refused with a clear error.")),
@@ -38,7 +39,8 @@ class LoraLoader(io.ComfyNode):
                     "1.0 = as trained (alpha/rank where the file gives an alpha); 0 = off. Not the official "
                     "demo's 1/rank, which made LoRAs look ineffective.")),
             ],
-            outputs=[ModelType.Output(display_name="model")],
+            outputs=[ModelType.Output(display_name="model", tooltip=(
+                "The same model with this LoRA added; connect it to the sampler (and the decode / text encode)."))],
         )
 
     @classmethod

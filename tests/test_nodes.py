@@ -116,7 +116,7 @@ def test_entrypoint_lists_every_node(comfy):
     extension = asyncio.run(comfy.pkg.comfy_entrypoint())
     nodes = asyncio.run(extension.get_node_list())
     assert [n.GET_SCHEMA().node_id for n in nodes] == [
-        "XDiTCogVideoModelLoader", "XDiTCogVideoParallelConfig", "XDiTCogVideoTextEncode",
+        "XDiTCogVideoModelLoader", "XDiTCogVideoLoraLoader", "XDiTCogVideoParallelConfig", "XDiTCogVideoTextEncode",
         "XDiTCogVideoTextEncodeModelT5", "XDiTCogVideoSampler", "XDiTCogVideoDecode", "XDiTCogVideoSaveVideo"]
 
 
