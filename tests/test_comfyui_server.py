@@ -214,8 +214,8 @@ def test_loads_as_v3_package_with_panel_and_templates(server):
     js = [e for e in extensions if "xdit_cogvideo.js" in e]
     assert js == [f"/extensions/{PACKAGE}/xdit_cogvideo.js"]  # served once (WEB_DIRECTORY only)
     assert server.request(js[0])[0] == 200
-    assert server.request("/workflow_templates")[1][PACKAGE] == ["cogvideox_i2v", "cogvideox_t2v",
-                                                                 "cogvideox_t2v_comfy_t5", "cogvideox_t2v_lora"]
+    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == ["cogvideox_i2v", "cogvideox_t2v",
+                                                                         "cogvideox_t2v_comfy_t5", "cogvideox_t2v_lora"]
     assert info["XDiTCogVideoLoraLoader"]["input"]["required"]["lora_name"][1]["options"] == ["tiny-2b-kohya.safetensors"]
     status, template = server.request(f"/api/workflow_templates/{PACKAGE}/cogvideox_t2v.json")
     assert status == 200 and template["nodes"]
