@@ -18,7 +18,9 @@ Formats (safetensors only), detected from the key names:
 - kohya: ``lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight`` + ``.alpha`` (scale alpha / rank).
 - ComfyUI-native names: ``diffusion_model.blocks.N.q...`` and ``lora_unet_blocks_N_q...``.
 - DoRA: PEFT ``lora_magnitude_vector`` and LyCORIS/kohya ``dora_scale``, applied exactly:
-  ``W + strength * (m * V / ||V|| - W)`` with ``V = W + scale * up @ down`` (ComfyUI's strength semantics).
+  ``W + strength * (m * V / ||V|| - W)`` with ``V = W + scale * up @ down``, the norm per output row (per input
+  column when the scale has one value per input), as PEFT and LyCORIS compute it; strength interpolates as in
+  ComfyUI (0 = off, 1 = as trained; diffusers' ``lora_scale`` differs for DoRA except at 1.0).
 """
 
 from __future__ import annotations
@@ -232,6 +234,7 @@ def read_lora(path: str) -> LoraFile:
                         f"{', '.join(unknown[:3])}); supported: lora_A/lora_B, lora_down/lora_up, .alpha, DoRA "
                         "scales. Refusing to apply part of a LoRA")
     meta = _adapter_metadata(metadata, path)
+    use_rslora = bool(meta.get("use_rslora", False))
     scale_of = {}
     for module, layer in layers.items():
         if layer.down is None or layer.up is None:
@@ -242,7 +245,6 @@ def read_lora(path: str) -> LoraFile:
                             f"and up {list(layer.up.shape)} (corrupt file)")
         rank = layer.rank
         alpha = layer.alpha
-        use_rslora = bool(meta.get("use_rslora", False))
         if alpha is None and meta:
             alpha = _pattern_value(meta.get("alpha_pattern"), module)
             if alpha is None:
