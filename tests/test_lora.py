@@ -354,3 +354,20 @@ def test_node_chains_like_lora_loader_model_only(tmp_path, tiny_path):
             run_node(node, model=spec, lora_name="cog/missing.safetensors", strength_model=1.0)
         with pytest.raises(LoraError, match="cannot read LoRA"):
             run_node(node, model=spec, lora_name="cog/corrupt.safetensors", strength_model=1.0)
+
+
+def test_fp8_stored_plain_linear_merges_with_rounding_and_restores_bitwise(tmp_path, tiny_path):
+    """Weights kept as float8 in a plain nn.Linear (upcast at compute, as fp8 checkpoints are stored): the merge
+    adds in fp32 from the saved original and rounds back to float8; clearing restores the bytes."""
+    lora, factors, _ = _lora(tmp_path, tiny_path, "2b", "peft", None, seed=17)
+    engine = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none")
+    layer = engine.transformer.transformer_blocks[0].ff.net[2]
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn), requires_grad=False)
+    original = layer.weight.detach().clone()
+    down, up = factors["transformer_blocks.0.ff.net.2"]
+    engine.set_loras([(str(lora), 0.5)])
+    expected = (original.float() + up @ down * 0.5).to(torch.float8_e4m3fn)
+    assert layer.weight.dtype == torch.float8_e4m3fn
+    assert torch.equal(layer.weight.view(torch.uint8), expected.view(torch.uint8))
+    engine.set_loras([])
+    assert torch.equal(layer.weight.view(torch.uint8), original.view(torch.uint8))
