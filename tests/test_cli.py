@@ -97,7 +97,7 @@ BAD = [
     (O + ["--frames", "10"], "frames must be 4k+1"),
     (O + ["--height", "40"], "height must be a positive multiple of 16"),
     (O + ["--world-size", "2", "--ulysses", "3"], "no valid layout for 2 ranks"),
-    (O + ["--world-size", "4", "--ulysses", "4", "--ring", "1", "--cfg", "1"],
+    (O + ["--world-size", "2", "--ulysses", "4", "--ring", "1", "--cfg", "1"],
      "ulysses degree 4 does not divide the model's 6 attention heads"),
     (O + ["--world-size", "2", "--cfg", "2", "--guidance", "1"], "cfg degree 2 needs classifier-free guidance"),
     (["--output", "cat.avi"], "--output must end with .mp4"),

@@ -19,7 +19,7 @@ def _python_api_snippets() -> list[str]:
 
 @pytest.mark.timeout(400)
 def test_python_api_snippets_run_as_written(tiny_path, tmp_path, monkeypatch):
-    from comfyui_xdit_cogvideo.pool import controller, shutdown_pool
+    from comfyui_xdit_cogvideo.pool import registry, shutdown_pool
     from comfyui_xdit_cogvideo.video import read_video
 
     snippets = _python_api_snippets()
@@ -41,7 +41,7 @@ def test_python_api_snippets_run_as_written(tiny_path, tmp_path, monkeypatch):
     frames, meta = read_video(tmp_path / "fox.mp4")
     assert frames.shape == (49, 32, 48, 3) and round(meta["fps"]) == 8
     assert tuple(namespace["frames"].shape) == (9, 32, 48, 3)  # the engine snippet's own decode
-    assert controller._POOL is None
+    assert registry._POOL is None
 
 
 def test_ci_runs_the_readme_commands():
