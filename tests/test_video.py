@@ -76,3 +76,9 @@ def test_preflight_checks_folder_container_size_and_fps(tmp_path):
         check_writable(tmp_path / "v.mp4", 16400, 16, 8)
     with pytest.raises(ValueError, match="fps must be"):
         check_writable(tmp_path / "v.mp4", 32, 48, -5)
+
+
+def test_the_cli_accepts_exactly_the_writers_containers():
+    from comfyui_xdit_cogvideo import cli
+
+    assert cli.VIDEO_SUFFIXES == video.VIDEO_SUFFIXES
