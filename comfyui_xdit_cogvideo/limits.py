@@ -7,9 +7,10 @@ Two kinds, each refused with the limit and why:
   than ``sample_height * 8`` x ``sample_width * 8`` pixels (2400 x 2400 for the published 1.5 models); diffusers'
   own pipeline fails there with a tensor size mismatch. CogVideoX 1.0 recomputes its sin-cos or RoPE positions for
   any size, and the 5b-I2V's learned positions are checked in request.py.
-- **Memory.** A deliberately coarse estimate per rank, compared with what the device has (a GPU's total memory;
-  on CPU, the machine's RAM shared by every rank). It only refuses what cannot fit, it does not promise that what
-  passes fits. Terms, in bytes:
+- **Memory.** A deliberately coarse lower-bound estimate per rank, compared with what the device has (a GPU's total
+  memory; on CPU, the machine's RAM shared by every rank). Every term counts less than the real peak (allocator
+  slack, temporaries and kernel workspaces are left out), so it refuses only what certainly cannot fit and never
+  promises that what passes fits. Terms, in bytes:
 
   * weights: the element count read from the safetensors headers (transformer on every rank; T5 on rank 0 when a
     prompt is encoded; the VAE on the ranks that decode) times the loaded dtype's size;
