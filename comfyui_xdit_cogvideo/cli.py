@@ -55,6 +55,10 @@ def _build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     model.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                        help="a LoRA .safetensors merged into the weights, strength 1.0 = as trained (default); "
                             "repeat for several")
+    model.add_argument("--memory", choices=["auto", "fast", "low", "offload"], default="auto",
+                       help="memory plan: fast (whole model on every GPU), low (weights sharded over the GPUs, T5 "
+                            "off the GPU, tiles that fit), offload (one GPU: blocks streamed from CPU memory); "
+                            "auto = the fastest that fits each GPU's free memory (default)")
     text = g.add_argument_group("prompt").add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="text prompt (encoded by the model's T5)")
     text.add_argument("--embeds", help="safetensors with prompt_embeds [1, 226, D] (and optional "
@@ -355,7 +359,7 @@ def _generate(args) -> int:
     dtype = args.dtype or ("bf16" if kind == "cuda" else "fp32")
     loras = tuple(LoraSpec.parse(text) for text in args.lora)
     spec = ModelSpec(ModelSource(args.model, vae=args.vae, text_encoder=args.text_encoder), dtype, args.attention,
-                     loras)
+                     loras, args.memory)
     spec.validate()
     try:
         resolve_kernel(args.attention, "cuda" if kind == "cuda" else "cpu")
@@ -378,8 +382,9 @@ def _generate(args) -> int:
                            ring=args.ring)
     tiled = args.decode == "tiled" or (args.decode == "auto" and world > 1)
     tile = (tiling.sample_height, tiling.sample_width) if tiling else (480, 720)
-    check_memory(info, resolved, layout, dtype, resolved_source, pool_devices,
-                 decode=None if output is None else "tiled" if tiled else "plain", tile=tile, label=info.display)
+    if args.memory == "fast" or pool_devices.kind == "cpu":  # GPUs under the other plans: the detailed planner
+        check_memory(info, resolved, layout, dtype, resolved_source, pool_devices,  # (memory.py) in pool.generate
+                     decode=None if output is None else "tiled" if tiled else "plain", tile=tile, label=info.display)
     fps = args.fps or (16 if info.version == "1.5" else 8)
     if output is not None:  # the real writer on one frame of the real size: folder, container, size and fps
         from .video import VideoWriteError, check_writable
@@ -398,7 +403,7 @@ def _generate(args) -> int:
     latents = pool.generate(spec, request, layout=layout, on_event=progress)
     sampled = time.perf_counter()
     summary = {"latents_shape": list(latents.shape), "layout": str(layout), "devices": str(pool.devices),
-               "sample_seconds": round(sampled - started, 3)}
+               "memory": pool.last_plan.describe(), "sample_seconds": round(sampled - started, 3)}
     if loras:
         summary["loras"] = [[lora.name, lora.strength] for lora in loras]
     if latents_out is not None:
@@ -409,6 +414,8 @@ def _generate(args) -> int:
     if output is not None:
         from .video import write_video
 
+        if args.decode == "auto" and pool.last_plan.decode_tile is not None:
+            tiled = True  # the memory plan needs tiles to fit, even on one GPU
         frames = pool.decode(spec, latents, frames=resolved.frames, tiled=tiled, on_event=progress, tiling=tiling)
         write_video(output, frames, fps=fps)
         summary.update(output=str(output), frames=int(frames.shape[0]), width=int(frames.shape[2]),
@@ -447,7 +454,8 @@ def _pool_status(args) -> int:
         m = status["model"]
         layout = status.get("layout")
         shown = str(Layout(*layout)) if isinstance(layout, (list, tuple)) and len(layout) == 3 else layout
-        print(f"model {m['path']} ({m.get('variant')}, {m['dtype']}, attention {m['attention']}), layout {shown}")
+        print(f"model {m['path']} ({m.get('variant')}, {m['dtype']}, attention {m['attention']}), layout {shown}, "
+              f"memory {m.get('memory')}")
         for lora in m.get("loras") or []:
             print(f"  LoRA {lora['name']} strength {lora['strength']:g} ({lora['format']}, {lora['layers']} layers)")
     for r in status["ranks"]:

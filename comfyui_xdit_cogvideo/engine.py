@@ -16,6 +16,7 @@ from .errors import GenerationCancelled  # noqa: F401  (engine.GenerationCancell
 from .layout import check_layout
 from .loading import (ModelSource, load_scheduler, load_text_encoder, load_transformer, load_vae,
                       parse_dtype)
+from .memory import MemoryPlan
 from .parallel.groups import ParallelGroups
 from .parallel.kernels import resolve_kernel
 from .request import GenerationRequest
@@ -34,12 +35,17 @@ class CogVideoEngine:
         attention: str = "auto",
         optimize="auto",
         loras=(),
+        memory: "str | MemoryPlan" = "fast",
     ):
         self.source = ModelSource(source) if isinstance(source, str) else source
         self.resolved = self.source.resolve()
         self.dtype, self.device = parse_dtype(dtype), torch.device(device)
         self.groups = groups or ParallelGroups.single()
-        self.transformer, self.info = load_transformer(self.resolved, self.dtype, self.device)
+        self.memory = _plan(memory, self.groups)
+        # low/offload: weights wait on the CPU until they are sharded or streamed onto the device
+        home = self.device if self.memory.name == "fast" else torch.device("cpu")
+        self.transformer, self.info = load_transformer(self.resolved, self.dtype, home)
+        self._placed = self.memory.name == "fast"
         self._vae = None
         self._text = None
         self._setup(attention, optimize)
@@ -57,6 +63,7 @@ class CogVideoEngine:
         attention: str = "auto",
         optimize="auto",
         loras=(),
+        memory: "str | MemoryPlan" = "fast",
     ) -> "CogVideoEngine":
         """An engine over models already in memory (benchmarks, random full-size weights); no files read.
 
@@ -74,6 +81,8 @@ class CogVideoEngine:
         self.resolved = ResolvedSource(Path("<memory>"), None, None, None, None)
         self.dtype, self.device = param.dtype, param.device
         self.groups = groups or ParallelGroups.single()
+        self.memory = _plan(memory, self.groups)
+        self._placed = self.memory.name == "fast"
         self.transformer = transformer.eval().requires_grad_(False)
         self.info = ModelInfo.from_config(transformer.config)
         self._vae = vae
@@ -85,10 +94,10 @@ class CogVideoEngine:
     def _setup(self, attention: str, optimize) -> None:
         from .lora import LoraManager
 
-        self.rebind(self.groups, attention)
         self.optimizer = None
         self.lora = LoraManager(self.transformer)
-        self.optimize(optimize)
+        self.optimize(optimize)  # before sharding: fusing QKV rewrites the weights
+        self.rebind(self.groups, attention)
 
     def set_loras(self, loras) -> None:
         """Merge exactly these LoRAs (``LoraSpec``, ``(path, strength)`` or ``"FILE[:STRENGTH]"``) into the resident
@@ -101,12 +110,41 @@ class CogVideoEngine:
         return self.lora.summary()
 
     def rebind(self, groups: ParallelGroups, attention: str) -> None:
-        """Point the resident transformer at other process groups or another attention kernel; no weights move."""
+        """Point the resident transformer at other process groups or another attention kernel; no weights move.
+
+        Under the ``low`` plan the first layout of more than one rank shards the weights over its ranks; a later
+        layout must have the same world size (the shards stay where they are) or the engine must be reloaded."""
+        from .parallel.fsdp import shard_size
+
         check_layout(groups.layout, heads=self.info.heads, use_cfg=True)
         from .parallel.transformer import parallelize_transformer  # diffusers and yunchang: only when a model runs
 
+        sharded = shard_size(self.transformer)
+        if sharded > 1 and groups.layout.world_size != sharded:
+            raise RuntimeError(f"the transformer is sharded over {sharded} ranks; a layout of "
+                               f"{groups.layout.world_size} rank(s) needs the model loaded again")
         self.groups, self.attention = groups, resolve_kernel(attention, self.device)
         parallelize_transformer(self.transformer, self.groups, self.attention)
+        if not self._placed and self.memory.name == "low" and groups.layout.world_size > 1:
+            self._place()
+
+    def _place(self) -> None:
+        """Put the transformer where the memory plan wants it (once): sharded over the layout's ranks (low, more
+        than one rank), whole on the device (low, one rank), or streamed block by block (offload)."""
+        if self._placed:
+            return
+        world = self.groups.layout.world_size
+        if self.memory.name == "low" and world > 1:
+            from .parallel.fsdp import shard_transformer
+
+            shard_transformer(self.transformer, self.groups.world, self.device)
+        elif self.memory.name == "offload":
+            if world > 1:
+                raise RuntimeError("memory plan 'offload' runs on one rank; use 'low' to shard over several")
+            _group_offload(self.transformer, self.device)
+        else:
+            self.transformer.to(self.device)
+        self._placed = True
 
     def optimize(self, options="auto"):
         """Turn on single-GPU speed-ups (``comfyui_xdit_cogvideo.optimize``): ``"auto"`` = the exact ones measured
@@ -115,7 +153,14 @@ class CogVideoEngine:
         compiled block code looks up the current attention processor on every call. Returns the Optimizer."""
         from .optimize import OptimizeOptions, optimize_transformer, remove_optimizations
 
+        from .parallel.fsdp import shard_size
+
         parsed = OptimizeOptions.parse(options, self.device)
+        if (self._placed and self.memory.name != "fast") or shard_size(self.transformer) > 1:
+            current = self.optimizer.options if self.optimizer is not None else None
+            if _weight_layout(parsed) != _weight_layout(current):
+                raise RuntimeError("fused QKV and fp8 change the weights; under the memory plan "
+                                   f"{self.memory.name!r} choose them when the engine is built")
         active = self.lora.specs
         self.lora.clear()  # fusing or fp8 rebuilds weights: merge again on the new storage from the originals
         if parsed is None:
@@ -156,17 +201,46 @@ class CogVideoEngine:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
+    def _text_home(self) -> torch.device:
+        """Where T5 rests between encodes: on the device only under text placement 'gpu'."""
+        return self.device if self.memory.text == "gpu" else torch.device("cpu")
+
     def _text_encoder(self):
         if self._text is None:
-            self._text = load_text_encoder(self.resolved, self.dtype, self.device)
+            self._text = load_text_encoder(self.resolved, self.dtype, self._text_home())
         return self._text
 
+    def set_memory_plan(self, plan: MemoryPlan) -> None:
+        """Adopt a job's plan where that moves nothing heavy: T5's placement and the decode tile. The weights'
+        placement (plan name, shard count) is fixed when the engine is built."""
+        if (plan.name, plan.shard > 1) != (self.memory.name, self.memory.shard > 1):
+            raise RuntimeError(f"the engine was built for memory plan {self.memory.name!r}, not {plan.name!r}")
+        self.memory = plan
+        if self._text is not None:
+            self._text[1].to(self._text_home())
+            if self.device.type == "cuda" and plan.text != "gpu":
+                torch.cuda.empty_cache()
+
     def encode_prompt(self, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
-        """T5 embeddings [1, 226, D] for prompt and negative prompt, exactly as diffusers' pipeline makes them."""
+        """T5 embeddings [1, 226, D] for prompt and negative prompt, exactly as diffusers' pipeline makes them.
+
+        Text placement 'swap' moves T5 onto the device for the encode and back to the CPU after; 'cpu' encodes on
+        the CPU (the embeddings then move to the device)."""
         pipe = self._pipeline(None, text=True)
-        return pipe.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=True,
-                                  num_videos_per_prompt=1, max_sequence_length=self.info.text_len,
-                                  device=self.device, dtype=self.dtype)
+        encoder = self._text[1]
+        where = torch.device("cpu") if self.memory.text == "cpu" else self.device
+        if self.memory.text == "swap":
+            encoder.to(self.device)
+        try:
+            positive, negative = pipe.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=True,
+                                                    num_videos_per_prompt=1, max_sequence_length=self.info.text_len,
+                                                    device=where, dtype=self.dtype)
+        finally:
+            if self.memory.text == "swap":
+                encoder.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        return positive.to(self.device), negative.to(self.device)
 
     def _embeddings(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Leader encodes whatever text is missing; all ranks receive the same tensors."""
@@ -205,6 +279,7 @@ class CogVideoEngine:
         r = request.resolved(self.info)
         check_layout(self.groups.layout, heads=self.info.heads, use_cfg=r.use_cfg)
         positive, negative = self._embeddings(r)
+        self._place()
         pipe = self._pipeline(r.scheduler)
         if self.optimizer is not None:
             self.optimizer.new_job()
@@ -252,6 +327,30 @@ class CogVideoEngine:
         from .vae_parallel import decode_latents
 
         return decode_latents(self.vae, latents, frames, tiled=tiled)
+
+
+def _plan(memory: "str | MemoryPlan", groups: ParallelGroups) -> MemoryPlan:
+    """A plan from a name (fast, low, offload; auto = fast without a planner) or a resolved MemoryPlan."""
+    if isinstance(memory, MemoryPlan):
+        return memory
+    return MemoryPlan.default(memory, groups.layout.world_size)
+
+
+def _weight_layout(options) -> tuple[bool, bool]:
+    """The optimize options that rewrite weights (fused QKV, fp8); the others only change the block code."""
+    return (bool(options and options.fuse_qkv), bool(options and options.fp8))
+
+
+def _group_offload(transformer, device: torch.device) -> None:
+    """diffusers' group offloading, one block per group: weights rest in (pinned) CPU memory and each block is
+    copied onto ``device`` before it runs; with CUDA the next block's copy overlaps the current one's compute on
+    a separate stream."""
+    from diffusers.hooks import apply_group_offloading
+
+    stream = device.type == "cuda"
+    apply_group_offloading(transformer, onload_device=device, offload_device=torch.device("cpu"),
+                           offload_type="block_level", num_blocks_per_group=1, use_stream=stream,
+                           non_blocking=stream)
 
 
 def start_image(image: torch.Tensor, height: int, width: int):

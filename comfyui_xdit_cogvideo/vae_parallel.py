@@ -122,6 +122,48 @@ def default_tiling(vae, latents_hw: tuple[int, int] | None = None) -> Tiling:
     return Tiling(tiling.sample_height, tiling.sample_width, fixed[0], fixed[1])
 
 
+def snapped_tiling(height: int, width: int, factor: int = 8) -> Tiling:
+    """A ``height`` x ``width`` pixel tiling with overlaps of about 1/6 and 1/5 of a tile, snapped to whole latent
+    rows and columns so the tiles stitch to the exact frame size."""
+    lh, lw = height // factor, width // factor
+    return Tiling(height, width, min(max(1, round(lh / 6)), lh - 1) / lh, min(max(1, round(lw / 5)), lw - 1) / lw)
+
+
+def fit_tiling(vae, latents_hw: tuple[int, int], budget: int | None, frames: int = 1) -> Tiling | None:
+    """The tiling whose decode fits ``budget`` bytes of device memory (VAE weights included), for the memory plans.
+
+    ``None``: the whole frame decodes untiled within the budget (or the budget is unknown). Otherwise the VAE's own
+    tile when it fits, else the largest smaller tile (``memory.tile_candidates``) that fits and stitches to the
+    exact frame size; the smallest when none fits. The VAE's temporal batch (``num_latent_frames_batch_size``)
+    stays as diffusers has it: its temporal upsampling depends on how many frames a batch holds, so another
+    batch would change the video, while another tile size gives exactly diffusers' tiled decode with that tile.
+    """
+    from .memory import JobShape, ModelSizes, decode_activations, tile_candidates
+
+    if budget is None:
+        return None
+    factor = spatial_factor(vae)
+    height, width = latents_hw[0] * factor, latents_hw[1] * factor
+    weights = sum(p.numel() for p in vae.parameters())
+    sizes = ModelSizes(0, 0, 0, vae=weights, vae_width=vae.config.block_out_channels[0])
+    job = JobShape(frames, height, width, 1, vae.dtype.itemsize)
+    room = budget - weights * vae.dtype.itemsize
+    if decode_activations(height * width, sizes, job.dtype_bytes) <= room:
+        return None
+    own = default_tiling(vae, latents_hw)
+    candidates = [(own.sample_height, own.sample_width)] + [
+        t for t in tile_candidates((own.sample_height, own.sample_width), factor)[1:]]
+    fitting = None
+    for h, w in candidates:
+        tiling = own if (h, w) == (own.sample_height, own.sample_width) else snapped_tiling(h, w, factor)
+        if tiled_size(vae, tiling, latents_hw) != (height, width):
+            continue
+        fitting = tiling
+        if decode_activations(h * w, sizes, job.dtype_bytes) <= room:
+            return tiling
+    return fitting
+
+
 def decode_tile(vae, z: torch.Tensor, grid: _Grid, row: int, col: int) -> torch.Tensor:
     """One tile decoded exactly as in diffusers' tiled_decode (temporal batches with the conv cache)."""
     i, j = grid.rows[row], grid.cols[col]

@@ -30,18 +30,21 @@ PRECISIONS = ["bf16", "fp16", "fp32"]
 SCHEDULERS = ["default", "ddim", "dpm"]
 DEGREE_CHOICES = ["auto", "1", "2", "3", "4", "5", "6", "7", "8"]
 CFG_CHOICES = ["auto", "1", "2"]
+MEMORY_CHOICES = ["auto", "fast", "low", "offload"]  # comfyui_xdit_cogvideo.memory.MEMORY_MODES
 
 LATENT_KEY = "xdit_cogvideo"  # extra key in LATENT dicts: what the decode needs besides the samples
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """What the parallel-config node outputs. ``None`` degrees mean "choose the fastest valid one"."""
+    """What the parallel-config node outputs. ``None`` degrees mean "choose the fastest valid one"; ``memory`` is
+    the memory plan (auto = the fastest that fits the GPUs' free memory)."""
 
     devices: str = "auto"
     cfg: int | None = None
     ulysses: int | None = None
     ring: int | None = None
+    memory: str = "auto"
 
     @property
     def explicit(self) -> bool:

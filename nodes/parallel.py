@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, CFG_CHOICES, DEGREE_CHOICES, ParallelConfig, ParallelType, check_choice
+from .common import (CATEGORY, CFG_CHOICES, DEGREE_CHOICES, MEMORY_CHOICES, ParallelConfig, ParallelType,
+                     check_choice)
 
 def parse_degree(value: str) -> int | None:
     return None if value == "auto" else int(value)
@@ -59,14 +60,20 @@ class ParallelConfigNode(io.ComfyNode):
                 io.Combo.Input("ring", options=DEGREE_CHOICES, default="auto", tooltip=(
                     "Ring sequence-parallel degree (exact for any head count; more communication than "
                     "Ulysses). " + degree.format("Ring"))),
+                io.Combo.Input("memory", options=MEMORY_CHOICES, default="auto", optional=True, tooltip=(
+                    "Memory plan: fast = the whole model on every GPU (fastest); low = transformer weights sharded "
+                    "over the GPUs (FSDP2), T5 off the GPU after encoding, decode tiles sized to fit; offload = one "
+                    "GPU streams the transformer blocks from CPU memory (for cards that cannot hold it). auto = "
+                    "the fastest plan that fits every GPU's free memory; a job that fits none is refused.")),
             ],
             outputs=[ParallelType.Output(display_name="parallel", tooltip="Pool devices and layout for the sampler.")],
         )
 
     @classmethod
-    def validate_inputs(cls, devices=None, cfg=None, ulysses=None, ring=None):
+    def validate_inputs(cls, devices=None, cfg=None, ulysses=None, ring=None, memory="auto"):
         # Only constant (widget) values arrive here; linked ones are None and checked in execute.
-        for error in (devices is not None and check_devices(devices),
+        for error in (memory is not None and check_choice("memory", memory, MEMORY_CHOICES),
+                      devices is not None and check_devices(devices),
                       cfg is not None and check_choice("cfg", cfg, CFG_CHOICES),
                       ulysses is not None and check_choice("ulysses", ulysses, DEGREE_CHOICES),
                       ring is not None and check_choice("ring", ring, DEGREE_CHOICES)):
@@ -88,9 +95,9 @@ class ParallelConfigNode(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, devices="auto", cfg="auto", ulysses="auto", ring="auto") -> io.NodeOutput:
-        error = cls.validate_inputs(devices, cfg, ulysses, ring)
+    def execute(cls, devices="auto", cfg="auto", ulysses="auto", ring="auto", memory="auto") -> io.NodeOutput:
+        error = cls.validate_inputs(devices, cfg, ulysses, ring, memory)
         if error is not True:
             raise ValueError(error)
         return io.NodeOutput(ParallelConfig(devices.strip().lower(), parse_degree(cfg), parse_degree(ulysses),
-                                            parse_degree(ring)))
+                                            parse_degree(ring), memory))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from comfy_api.latest import io
 
 from .common import (CATEGORY, DEFAULT_PARALLEL, LATENT_KEY, SCHEDULERS, ModelType, ParallelType, check_choice,
@@ -96,6 +98,8 @@ class Sampler(io.ComfyNode):
         resolved = request.resolved(info)  # RequestError (frames, size, I2V image, embeddings) before the pool starts
         parallel = parallel or DEFAULT_PARALLEL
         layout = check_parallel(parallel, model, resolved.use_cfg)  # LayoutError before the pool is touched
+        if parallel.memory != "auto":  # the parallel config's memory plan overrides the model's
+            model = replace(model, memory=parallel.memory)
         pool = get_pool(parallel.devices)
         latents = run_pool_job(
             lambda on_event, cancel: pool.generate(model, request, layout=layout, on_event=on_event, cancel=cancel),

@@ -36,6 +36,16 @@ EIGHT_RANK_CASES = {
     # World sizes 5, 6 and 7: 18 tokens padded to 20 and 21; ulysses 6 takes all 6 heads of the tiny model.
     "1.5-odd": ("1.5", dict(frames=17, height=32, width=48), [L(1, 1, 5), L(1, 1, 7), L(1, 6, 1)]),
 }
+# Memory plans (FSDP-sharded weights, group offload, T5 off the GPU) on the same requests: (layout, memory plan,
+# optimize options). FSDP shards over each layout's world: 2 ranks (cfg2, ulysses2) and 4 (cfg2 x ring2,
+# cfg2 x ulysses2, ulysses2 x ring2 with fused QKV + compiled blocks).
+MEMORY_CASES = {
+    "2b": ("2b", dict(frames=9, height=32, width=48),
+           [(L(2), "low", None), (L(1, 2), "low", None), (L(2, 1, 2), "low", None), (L(1), "offload", None),
+            (L(1, 2, 2), "low", "fuse,compile")]),
+    "5b-dpm-dynamic": ("5b", dict(frames=9, height=32, width=48, scheduler="dpm", dynamic_cfg=True),
+                       [(L(2, 2), "low", None), (L(1, 1, 2), "low", "fuse")]),
+}
 PROMPT, STEPS, SEED = "a cat playing piano at sunset", 3, 1234
 
 
@@ -66,6 +76,36 @@ def run_cases(rank: int, cases: dict, paths: dict) -> dict:
             latents = engine.generate(request_for(kwargs))
             if groups.is_leader:
                 results[(name, str(layout))] = latents.numpy()
+    return results
+
+
+def run_memory_cases(rank: int, cases: dict, paths: dict) -> dict:
+    """Like ``run_cases`` with a memory plan per layout; the leader also reports how many blocks were ever
+    gathered at once (FSDP must gather just in time: the running block and the prefetched next one), the shard
+    count and whether group offloading is on."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from comfyui_xdit_cogvideo.parallel.fsdp import gathered_blocks, shard_size
+
+    torch.manual_seed(rank)
+    results = {}
+    for name, (variant, kwargs, plans) in cases.items():
+        for layout, memory, optimize in plans:
+            groups = ParallelGroups.create(layout)
+            if groups is None:
+                continue
+            engine = CogVideoEngine(str(paths[variant]), dtype="fp32", groups=groups, memory=memory,
+                                    optimize=optimize)
+            most = []
+            hooks = [block.register_forward_pre_hook(lambda *_: most.append(len(gathered_blocks(engine.transformer))))
+                     for block in engine.transformer.transformer_blocks]
+            latents = engine.generate(request_for(kwargs))
+            for hook in hooks:
+                hook.remove()
+            if groups.is_leader:
+                results[(name, str(layout), memory, optimize)] = (
+                    latents.numpy(), max(most, default=0), shard_size(engine.transformer),
+                    _is_group_offload_enabled(engine.transformer))
     return results
 
 

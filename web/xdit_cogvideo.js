@@ -105,6 +105,7 @@ function renderInto(el) {
       row("model", modelText(s.model)),
       row("LoRAs", lorasText(s.model)),
       row("layout", layoutText(s.layout)),
+      row("memory", s.model && typeof s.model === "object" && s.model.memory ? esc(s.model.memory) : ""),
       row("jobs", s.jobs_done != null ? `${esc(s.jobs_done)} done · ${esc(s.loads ?? 0)} model load${s.loads === 1 ? "" : "s"}` : ""),
       ...Object.entries(s).filter(([k]) => !known.has(k)).map(([k, v]) => row(k, fmtValue(k, v))),
     ];

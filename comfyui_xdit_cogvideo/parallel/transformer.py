@@ -25,9 +25,11 @@ def parallelize_transformer(transformer, groups: ParallelGroups, kernel: str) ->
     if heads % groups.layout.ulysses:
         raise ValueError(f"ulysses degree {groups.layout.ulysses} does not divide {heads} heads")
     context = ParallelContext(groups, kernel)
+    first = not hasattr(transformer, "_xdit_context")
     transformer._xdit_context = context
     transformer.set_attn_processor(ParallelCogVideoXAttnProcessor(context))
-    transformer.forward = types.MethodType(_parallel_forward, transformer)
+    if first:  # the forward reads the context on every call; reinstalling it would drop offloading hooks
+        transformer.forward = types.MethodType(_parallel_forward, transformer)
     return context
 
 

@@ -92,6 +92,7 @@ class WorkerPool:
         self._abort = threading.Event()
         self._slot = _FifoSlot()
         self._ranks: list[Rank] = []
+        self.last_plan = None  # the memory.MemoryPlan of the last generate job
         self._state = "stopped"
         self._generation = 0
         self._inbox: queue.Queue = queue.Queue()
@@ -489,8 +490,15 @@ class WorkerPool:
         is started. ``layout`` None picks the fastest valid layout for the pool's ranks; a layout over fewer
         ranks than the pool uses the first ones.
         """
+        from ..loading import read_model_info
+        from ..memory import plan_job
+
         model, resolved, layout = self.check_generate(model, request, layout)
         args = {"layout": [layout.cfg, layout.ulysses, layout.ring], "request": _request_wire(resolved)}
+        self.start()  # the plan needs each rank's free memory; an unfitting job is refused before it runs
+        self.last_plan = plan_job(model, read_model_info(model.source), resolved, layout,
+                                  [r["memory"] for r in self.status()["ranks"]])
+        args["memory"] = self.last_plan.wire()
         return self._run("generate", model, args, on_event, cancel, leader_only=False)
 
     def decode(self, model: p.ModelSpec, latents: torch.Tensor, frames: int | None = None, tiled: bool = True,

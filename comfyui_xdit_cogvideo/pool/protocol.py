@@ -203,8 +203,9 @@ def _source(value):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Which model the workers hold: weights (``source``), precision, attention backend, and the LoRAs merged into
-    the weights (``loras``: ``LoraSpec``s in order; changing them never reloads the base model).
+    """Which model the workers hold: weights (``source``), precision, attention backend, the LoRAs merged into
+    the weights (``loras``: ``LoraSpec``s in order; changing them never reloads the base model) and the memory plan
+    (``memory``: auto, fast, low, offload: ``comfyui_xdit_cogvideo.memory``).
 
     Travels to the workers as ``wire()`` (every field by name) and is rebuilt there by ``from_wire``: a field
     added here reaches the worker without touching the protocol.
@@ -214,6 +215,7 @@ class ModelSpec:
     dtype: str = "bf16"
     attention: str = "auto"
     loras: tuple = ()
+    memory: str = "auto"
 
     def __post_init__(self):
         from ..lora import as_specs
@@ -232,6 +234,9 @@ class ModelSpec:
             raise ModelError(f"unknown attention backend {self.attention!r}; choose one of auto, {', '.join(KERNELS)}")
         for lora in self.loras:
             lora.validate()
+        from ..memory import check_mode
+
+        check_mode(self.memory)
 
     def wire(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}

@@ -155,9 +155,10 @@ class Worker:
         model = layout = None
         engine, key = self.engine, self.engine_key  # read once: a job thread may swap them meanwhile
         if engine is not None and key is not None:
-            path, vae, text_encoder, dtype = key
+            path, vae, text_encoder, dtype = key[:4]
             model = {"path": path, "vae": vae, "text_encoder": text_encoder, "dtype": dtype,
-                     "attention": self.attention, "variant": engine.info.variant, "loras": engine.loras}
+                     "attention": self.attention, "variant": engine.info.variant, "loras": engine.loras,
+                     "memory": engine.memory.describe()}
             lay = engine.groups.layout
             layout = [lay.cfg, lay.ulysses, lay.ring]
         return p.Heartbeat(rank=self.rank, state=self.state, job=self.job, phase=self.phase, step=list(self.step),
@@ -172,24 +173,34 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def engine_for(self, spec: p.ModelSpec, report: bool, job: int):
-        """The resident engine for ``spec``, loading it only when the weights or dtype changed."""
+    def engine_for(self, spec: p.ModelSpec, report: bool, job: int, plan=None):
+        """The resident engine for ``spec``, loading it only when the weights, dtype or memory placement changed.
+
+        ``plan`` (a memory.MemoryPlan) None: any resident engine of these weights will do (text encoding), else one
+        built under the spec's memory plan (auto = low: the transformer waits on the CPU, T5 visits the GPU)."""
         from ..engine import CogVideoEngine
+        from ..memory import MemoryPlan
         from ..parallel import ParallelGroups
 
-        key = spec.weights_key
+        base = spec.weights_key
+        if plan is None:
+            if self.engine is not None and self.engine_key[:4] == base:
+                return self.engine
+            plan = MemoryPlan.default("low" if spec.memory == "auto" else spec.memory)
+        key = base + (plan.name, plan.shard)
         if self.engine is not None and self.engine_key == key:
+            self.engine.set_memory_plan(plan)
             return self.engine
         self.engine = self.engine_key = self.attention = None
         self._free_cached()
-        if self.vae_key is not None and self.vae_key != key:
+        if self.vae_key is not None and self.vae_key != base:
             self.vae = self.vae_key = None
         previous, self.state, self.phase = self.state, "loading", "load"
         if report:
             self.send(p.Event(job, "load", 0, 1))
         try:
             engine = CogVideoEngine(spec.source, dtype=spec.dtype, device=self.device,
-                                    groups=ParallelGroups.single(), attention=spec.attention)
+                                    groups=ParallelGroups.single(), attention=spec.attention, memory=plan)
         except OSError as error:  # unreadable or truncated weights: the model's fault, not this process's
             raise ModelError(f"cannot load {spec.source.path}: {error}") from error
         except Exception as error:
@@ -211,7 +222,8 @@ class Worker:
         key = spec.weights_key
         if self.vae is not None and self.vae_key == key:
             return self.vae
-        if self.engine is not None and self.engine_key == key and self.engine.loaded_vae is not None:
+        same = self.engine is not None and self.engine_key[:4] == key
+        if same and self.engine.loaded_vae is not None:
             self.vae, self.vae_key = self.engine.loaded_vae, key
             return self.vae
         self.vae = self.vae_key = None
@@ -219,7 +231,7 @@ class Worker:
         vae = load_vae(spec.source.resolve(), parse_dtype(spec.dtype), self.device, read_model_info(spec.source))
         self.vae, self.vae_key = vae, key
         self.vae_loads += 1
-        if self.engine is not None and self.engine_key == key and self.engine.loaded_vae is None:
+        if self.engine is not None and self.engine_key[:4] == key and self.engine.loaded_vae is None:
             self.engine.attach_vae(vae)
         return vae
 
@@ -293,12 +305,14 @@ class Worker:
 
     def run_generate(self, job: p.Job):
         from ..layout import Layout
+        from ..memory import MemoryPlan
         from ..request import GenerationRequest
 
         args = job.args
         spec = p.ModelSpec.from_wire(job.model)
         groups = self.groups_for(Layout(*args["layout"]))
-        engine = self.engine_for(spec, groups.is_leader, job.id)
+        plan = MemoryPlan.from_wire(args.get("memory")) or MemoryPlan.default(spec.memory, groups.layout.world_size)
+        engine = self.engine_for(spec, groups.is_leader, job.id, plan)
         self.configure(engine, groups, spec.attention)
         engine.set_loras(spec.loras)  # merged in place: the base is never reloaded
         request = GenerationRequest(**args["request"])
@@ -321,9 +335,16 @@ class Worker:
         from ..vae_parallel import Tiling, decode_latents
 
         args = job.args
-        vae = self.vae_for(p.ModelSpec.from_wire(job.model))
+        spec = p.ModelSpec.from_wire(job.model)
+        vae = self.vae_for(spec)
         self.state, self.phase = "decoding", "decode"
         tiling = Tiling(*args["tiling"]) if args.get("tiling") else None
+        tiled = bool(args.get("tiled", True))
+        group = dist.group.WORLD if self.world > 1 and not args.get("leader_only") else None
+        if tiling is None and spec.memory != "fast" and self.device.type == "cuda":
+            # plain decode runs on rank 0 alone: if it must be tiled to fit, rank 0 tiles alone
+            tiling = self._decode_tiling(vae, args["latents"], group if tiled else None)  # None: plain fits
+            tiled = tiled or tiling is not None
         clock = {"last": time.perf_counter()}
 
         def on_progress(step, total):
@@ -333,9 +354,25 @@ class Worker:
             if self.rank == 0:
                 self.send(p.Event(job.id, "decode", step, total, seconds))
 
-        group = dist.group.WORLD if self.world > 1 and not args.get("leader_only") else None
-        return decode_latents(vae, args["latents"], args.get("frames"), bool(args.get("tiled", True)),
+        return decode_latents(vae, args["latents"], args.get("frames"), tiled,
                               tiling, group, on_progress, self._should_cancel(job.id))
+
+    def _decode_tiling(self, vae, latents, group):
+        """Tiles that fit what this GPU has free now (memory plans other than fast); the same on every rank of
+        ``group``, since they agree on the smallest budget."""
+        import torch
+        import torch.distributed as dist
+
+        from ..memory import usable
+        from ..vae_parallel import fit_tiling
+
+        free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) \
+            - torch.cuda.memory_allocated(self.device)
+        budget = torch.tensor([usable(free) + sum(p.numel() * p.element_size() for p in vae.parameters())],
+                              device=self.device)
+        if group is not None:
+            dist.all_reduce(budget, op=dist.ReduceOp.MIN, group=group)
+        return fit_tiling(vae, tuple(latents.shape[-2:]), int(budget.item()))
 
     def run_encode(self, job: p.Job):
         engine = self.engine_for(p.ModelSpec.from_wire(job.model), True, job.id)
