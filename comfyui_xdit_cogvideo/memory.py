@@ -244,7 +244,8 @@ class MemoryPlan:
             parts.append(f"transformer sharded over {self.shard} ranks (FSDP2)")
         if self.name == "offload":
             parts.append("transformer blocks streamed from CPU (group offload)")
-        parts.append({"gpu": "T5 on GPU", "swap": "T5 on GPU only to encode", "cpu": "T5 on CPU"}[self.text])
+        parts.append({"gpu": "T5 resident", "swap": "T5 moved to the device only to encode",
+                      "cpu": "T5 encodes on the CPU"}[self.text])
         if self.decode_tile:
             parts.append(f"decode tiles {self.decode_tile[0]}x{self.decode_tile[1]}")
         if self.peaks:

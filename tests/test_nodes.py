@@ -205,6 +205,8 @@ def test_parallel_config_validation(comfy, parallel, monkeypatch):
     assert (parallel.devices, parallel.cfg, parallel.ulysses, parallel.ring) == (DEVICES, None, None, None)
     (explicit,) = run_node(node, devices="cpu:4", cfg="2", ulysses="auto", ring="2").args
     assert (explicit.cfg, explicit.ulysses, explicit.ring, explicit.explicit) == (2, None, 2, True)
+    assert parallel.memory == "auto" and run_node(node, devices="cpu:2", memory="low").args[0].memory == "low"
+    assert "memory must be one of auto, fast, low, offload" in node.validate_inputs(devices="cpu:2", memory="tiny")
 
 
 # ---- text ---------------------------------------------------------------------------------------------------------
@@ -380,6 +382,17 @@ def test_cancel_during_decode(comfy, spec, embeds, parallel):
     (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "16", model=spec, samples=latent, tiled=True,
                          parallel=parallel).args
     assert images.shape == (9, 32, 48, 3)
+
+
+def test_memory_plan_from_the_parallel_config_reaches_the_pool(comfy, spec, embeds, parallel):
+    from dataclasses import replace
+
+    (fast,) = sample(comfy, spec, embeds, parallel, uid="7", steps=2).args
+    pool = comfy.nodes.common.get_pool(DEVICES)
+    assert pool.status()["model"]["memory"].startswith("fast (auto)")
+    (low,) = sample(comfy, spec, embeds, replace(parallel, memory="offload"), uid="7", steps=2).args
+    assert pool.last_plan.name == "offload" and pool.status()["model"]["memory"].startswith("offload,")
+    assert torch.equal(low["samples"], fast["samples"])
 
 
 def test_sampler_rejects_bad_inputs_before_running(comfy, spec, embeds, parallel):
