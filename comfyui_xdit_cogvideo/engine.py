@@ -64,11 +64,13 @@ class CogVideoEngine:
         optimize="auto",
         loras=(),
         memory: "str | MemoryPlan" = "fast",
+        device: str | torch.device | None = None,
     ) -> "CogVideoEngine":
         """An engine over models already in memory (benchmarks, random full-size weights); no files read.
 
         ``transformer`` is a diffusers CogVideoXTransformer3DModel on its device and dtype; it is parallelized
-        in place. Without ``vae``/``text_encoder`` the engine samples from prompt embeddings only.
+        in place. Without ``vae``/``text_encoder`` the engine samples from prompt embeddings only. ``device``: where
+        it computes, when the memory plan hands over a transformer resting on the CPU (default: its device).
         """
         from pathlib import Path
 
@@ -79,14 +81,14 @@ class CogVideoEngine:
         param = next(transformer.parameters())
         self.source = ModelSource("<memory>")
         self.resolved = ResolvedSource(Path("<memory>"), None, None, None, None)
-        self.dtype, self.device = param.dtype, param.device
+        self.dtype, self.device = param.dtype, torch.device(device) if device is not None else param.device
         self.groups = groups or ParallelGroups.single()
         self.memory = _plan(memory, self.groups)
         self._placed = self.memory.name == "fast"
         self.transformer = transformer.eval().requires_grad_(False)
         self.info = ModelInfo.from_config(transformer.config)
         self._vae = vae
-        self._text = (tokenizer, text_encoder) if text_encoder is not None else None
+        self._text = (tokenizer, text_encoder.to(self._text_home())) if text_encoder is not None else None
         self._setup(attention, optimize)
         self.set_loras(loras)
         return self
