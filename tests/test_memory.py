@@ -33,24 +33,16 @@ def _plan(variant, gpus, card_gb, mode="auto"):
     return plan_memory(mode, ModelSizes.published(variant), info, JOBS[variant], layout, budgets)
 
 
-# The README's "what fits where" table: (model, GPUs, card GiB) -> plan, T5 placement, shard count.
+# The README's "what fits where" table, row by row: (model, GPUs, card GiB) -> plan, T5 placement, shard count.
 DOCUMENTED = [
-    ("2b", 1, 12, "low", "cpu", 1),
-    ("2b", 1, 16, "low", "swap", 1),
-    ("2b", 1, 24, "fast", "gpu", 1),
-    ("2b", 2, 16, "low", "swap", 2),
-    ("2b", 2, 24, "fast", "gpu", 1),
-    ("5b", 1, 12, "offload", "swap", 1),
-    ("5b", 1, 16, "offload", "swap", 1),
-    ("5b", 1, 24, "low", "swap", 1),
-    ("5b", 1, 48, "fast", "gpu", 1),
-    ("5b", 2, 24, "low", "swap", 2),
-    ("5b", 4, 16, "low", "swap", 4),
-    ("5b", 2, 32, "fast", "gpu", 1),
-    ("1.5-5b", 1, 24, "offload", "swap", 1),
-    ("1.5-5b", 2, 24, "low", "swap", 2),
-    ("1.5-5b", 4, 16, "low", "swap", 4),
-    ("1.5-5b", 2, 48, "fast", "gpu", 1),
+    ("2b", 1, 12, "low", "cpu", 1), ("5b", 1, 12, "offload", "swap", 1),
+    ("2b", 1, 16, "low", "swap", 1), ("5b", 1, 16, "offload", "swap", 1), ("1.5-5b", 1, 16, "offload", "swap", 1),
+    ("2b", 1, 24, "fast", "gpu", 1), ("5b", 1, 24, "low", "swap", 1), ("1.5-5b", 1, 24, "offload", "swap", 1),
+    ("2b", 1, 48, "fast", "gpu", 1), ("5b", 1, 48, "fast", "gpu", 1), ("1.5-5b", 1, 48, "fast", "gpu", 1),
+    ("2b", 2, 16, "low", "swap", 2), ("5b", 2, 16, "low", "cpu", 2), ("1.5-5b", 2, 16, "low", "cpu", 2),
+    ("2b", 2, 24, "fast", "gpu", 1), ("5b", 2, 24, "low", "swap", 2), ("1.5-5b", 2, 24, "low", "swap", 2),
+    ("2b", 4, 16, "low", "swap", 4), ("5b", 4, 16, "low", "swap", 4), ("1.5-5b", 4, 16, "low", "swap", 4),
+    ("2b", 4, 32, "fast", "gpu", 1), ("5b", 4, 32, "fast", "gpu", 1), ("1.5-5b", 4, 32, "fast", "gpu", 1),
 ]
 
 
