@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MODELS, ROOT, Results, StepTimer, build_text_encoder, build_transformer, build_vae,  # noqa: E402
+from common import (ROOT, Results, StepTimer, build_text_encoder, build_transformer, build_vae,  # noqa: E402
                     compare, environment, log, median_after, model_spec, sync)
 
 GiB = 2 ** 30
@@ -223,7 +223,9 @@ def runs_for(args) -> list[tuple[str, str, str]]:
                         wanted.append(plan)
                 try:  # auto as its own run only where it picks a plan variant not already run
                     auto, _ = planner(name, args.tiny, cap_bytes, "auto")
-                    if auto.name not in wanted or auto != planner(name, args.tiny, cap_bytes, auto.name)[0]:
+                    same = planner(name, args.tiny, cap_bytes, auto.name)[0]
+                    what = lambda p: (p.name, p.text, p.shard, p.decode_tile)  # noqa: E731
+                    if auto.name not in wanted or what(auto) != what(same):
                         wanted.append("auto")
                 except MemoryPlanError:
                     wanted.append("auto")  # expected to be refused: recorded as such

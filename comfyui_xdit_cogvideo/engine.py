@@ -154,7 +154,6 @@ class CogVideoEngine:
         ``None`` = none; flag strings such as ``"auto,fp8"`` add inexact ones. They survive ``rebind``: the
         compiled block code looks up the current attention processor on every call. Returns the Optimizer."""
         from .optimize import OptimizeOptions, optimize_transformer, remove_optimizations
-
         from .parallel.fsdp import shard_size
 
         parsed = OptimizeOptions.parse(options, self.device)
@@ -344,9 +343,9 @@ def _weight_layout(options) -> tuple[bool, bool]:
 
 
 def _group_offload(transformer, device: torch.device) -> None:
-    """diffusers' group offloading, one block per group: weights rest in (pinned) CPU memory and each block is
-    copied onto ``device`` before it runs; with CUDA the next block's copy overlaps the current one's compute on
-    a separate stream."""
+    """diffusers' group offloading, one block per group: weights rest in CPU memory (pinned when streaming) and
+    each block is copied onto ``device`` before it runs; with CUDA the next block's copy overlaps the current one's
+    compute on a separate stream."""
     from diffusers.hooks import apply_group_offloading
 
     stream = device.type == "cuda"
