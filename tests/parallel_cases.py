@@ -36,13 +36,12 @@ EIGHT_RANK_CASES = {
     # World sizes 5, 6 and 7: 18 tokens padded to 20 and 21; ulysses 6 takes all 6 heads of the tiny model.
     "1.5-odd": ("1.5", dict(frames=17, height=32, width=48), [L(1, 1, 5), L(1, 1, 7), L(1, 6, 1)]),
 }
-# Memory plans (FSDP-sharded weights, group offload, T5 off the GPU) on the same requests: (layout, memory plan,
-# optimize options). FSDP shards over each layout's world: 2 ranks (cfg2, ulysses2) and 4 (cfg2 x ring2,
-# cfg2 x ulysses2, ulysses2 x ring2 with fused QKV + compiled blocks).
+# FSDP-sharded weights (memory plan "low") on the same requests: (layout, memory plan, optimize options). FSDP
+# shards over each layout's world: 2 ranks (cfg2; ring2 with fused QKV) and 4 (cfg2 x ring2, cfg2 x ulysses2,
+# ulysses2 x ring2 with fused QKV + compiled blocks). One-rank plans (offload, T5 placement): test_memory.py.
 MEMORY_CASES = {
     "2b": ("2b", dict(frames=9, height=32, width=48),
-           [(L(2), "low", None), (L(1, 2), "low", None), (L(2, 1, 2), "low", None), (L(1), "offload", None),
-            (L(1, 2, 2), "low", "fuse,compile")]),
+           [(L(2), "low", None), (L(2, 1, 2), "low", None), (L(1, 2, 2), "low", "fuse,compile")]),
     "5b-dpm-dynamic": ("5b", dict(frames=9, height=32, width=48, scheduler="dpm", dynamic_cfg=True),
                        [(L(2, 2), "low", None), (L(1, 1, 2), "low", "fuse")]),
 }

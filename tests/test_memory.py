@@ -167,6 +167,8 @@ def test_plan_job_reads_heartbeat_figures(tiny_path):
 
 
 def test_low_and_offload_on_one_rank_equal_fast_and_t5_rests_off_the_device(tiny_path):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
     request = GenerationRequest(prompt="a cat playing piano", frames=9, height=32, width=48, steps=2, seed=3)
     fast = CogVideoEngine(str(tiny_path("2b")), dtype="fp32")
     expected = fast.generate(request)
@@ -175,6 +177,7 @@ def test_low_and_offload_on_one_rank_equal_fast_and_t5_rests_off_the_device(tiny
         engine = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", memory=memory)
         assert engine.memory.text == text
         assert torch.equal(engine.generate(request), expected), memory
+        assert _is_group_offload_enabled(engine.transformer) == (memory == "offload")
         got = engine.encode_prompt("a cat playing piano")
         assert torch.equal(got[0], positive) and torch.equal(got[1], negative)
         assert next(engine._text[1].parameters()).device.type == "cpu"
