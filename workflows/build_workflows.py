@@ -41,7 +41,7 @@ SOCKETS = {
 # Widget values in schema order (UI widgets_values); "seed" is followed by its control_after_generate value.
 WIDGETS = {
     "XDiTCogVideoModelLoader": ["model", "vae", "text_encoder", "precision", "attention"],
-    "XDiTCogVideoParallelConfig": ["devices", "cfg", "ulysses", "ring"],
+    "XDiTCogVideoParallelConfig": ["devices", "cfg", "ulysses", "ring", "memory"],
     "XDiTCogVideoLoraLoader": ["lora_name", "strength_model"],
     "XDiTCogVideoTextEncode": ["text"],
     "XDiTCogVideoTextEncodeModelT5": ["prompt", "negative_prompt"],
@@ -70,7 +70,9 @@ I2V_PROMPT = ("The scene comes to life: gentle camera push-in, soft natural moti
 NOTE_COMMON = """
 **GPUs** — *Parallel Config*: `devices` = `auto` (every visible GPU), `0,1` or `0,1,2,3` (those GPUs). Degrees on
 `auto` choose the fastest split (CFG 2 first, then Ulysses, then Ring). The pool starts with the first job, keeps the
-weights in GPU memory between jobs, and restarts if you change the devices.
+weights in GPU memory between jobs, and restarts if you change the devices. `memory` = `auto` picks the fastest
+memory plan that fits your GPUs (`low` shards the weights over them and keeps T5 off the GPU; `offload` streams the
+model from CPU memory on one small GPU).
 
 **Watch it** — the sampler's progress bar shows steps and previews; *Cancel* stops the job within a step. The
 **xDiT** sidebar tab shows the pool: GPUs, memory, current step.
@@ -190,7 +192,7 @@ def t2v(model_t5: bool = True, lora: bool = False) -> Graph:
     loader = g.add("XDiTCogVideoModelLoader", (460, 0), (360, 200), model="CogVideoX-5b" if lora else "CogVideoX-2b",
                    vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
     parallel = g.add("XDiTCogVideoParallelConfig", (460, 240), (360, 160), devices="auto", cfg="auto",
-                     ulysses="auto", ring="auto")
+                     ulysses="auto", ring="auto", memory="auto")
     if lora:
         with_lora = g.add("XDiTCogVideoLoraLoader", (460, -140), (360, 100), lora_name="CogVideoX-5b-lora.safetensors",
                           strength_model=1.0)
@@ -235,7 +237,7 @@ def i2v() -> Graph:
     loader = g.add("XDiTCogVideoModelLoader", (460, 0), (360, 200), model="CogVideoX-5b-I2V",
                    vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
     parallel = g.add("XDiTCogVideoParallelConfig", (460, 240), (360, 160), devices="auto", cfg="auto",
-                     ulysses="auto", ring="auto")
+                     ulysses="auto", ring="auto", memory="auto")
     image = g.add("LoadImage", (460, 440), (360, 360), title="Start frame", image="example.png")
     image["widgets_values"].append("image")  # the upload widget's value
     text = g.add("XDiTCogVideoTextEncodeModelT5", (850, 0), (400, 380), prompt=I2V_PROMPT, negative_prompt="")
