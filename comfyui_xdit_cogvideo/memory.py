@@ -383,7 +383,14 @@ def fit_tile(budget: int | None, sizes: ModelSizes, job: JobShape,
 def plan_job(spec, info, request, layout: Layout, rank_memory: list[dict | None]) -> MemoryPlan:
     """The plan for a pool job: ``spec`` a pool ModelSpec (its ``memory`` mode), ``request`` resolved,
     ``rank_memory`` each rank's heartbeat memory figures (CUDA: free/reserved; CPU ranks: no limit)."""
-    sizes = ModelSizes.of_source(spec.source.resolve(), info)
+    from safetensors import SafetensorError
+
+    try:
+        sizes = ModelSizes.of_source(spec.source.resolve(), info)
+    except (OSError, SafetensorError) as error:  # unreadable weights fail where they load, in the workers
+        mode = check_mode(spec.memory)
+        return replace(MemoryPlan.default(mode, layout.world_size), requested=mode,
+                       notes=(f"no size estimate: {error}",))
     needs_text = request.prompt_embeds is None or (request.use_cfg and request.negative_prompt_embeds is None)
     if not needs_text:
         sizes = replace(sizes, text_encoder=0)

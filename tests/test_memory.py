@@ -255,3 +255,21 @@ def test_the_pool_refuses_a_job_that_fits_no_plan_before_it_runs(tiny_path, monk
         assert real()["jobs_done"] == 0 and real()["ranks"][0]["loads"] == 0
     finally:
         pool.shutdown()
+
+
+def test_unreadable_weights_leave_the_failure_to_the_loader(tiny_path, tmp_path):
+    """A truncated checkpoint: no estimate (the workers report the load error, as before), the mode's plan."""
+    import shutil
+
+    from comfyui_xdit_cogvideo.loading import read_model_info
+    from comfyui_xdit_cogvideo.pool import ModelSpec
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_path("2b"), broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    spec = ModelSpec(str(broken), "fp32", memory="low")
+    info = read_model_info(spec.source)
+    request = GenerationRequest(prompt="a cat", frames=9, height=32, width=48).resolved(info)
+    plan = plan_job(spec, info, request, Layout(2), [{"free": GiB, "reserved": 0}] * 2)
+    assert (plan.name, plan.shard, plan.requested) == ("low", 2, "low") and "no size estimate" in plan.notes[0]
