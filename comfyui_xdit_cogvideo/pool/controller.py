@@ -495,11 +495,13 @@ class WorkerPool:
 
         model, resolved, layout = self.check_generate(model, request, layout)
         args = {"layout": [layout.cfg, layout.ulysses, layout.ring], "request": _request_wire(resolved)}
-        self.start()  # the plan needs each rank's free memory; an unfitting job is refused before it runs
-        self.last_plan = plan_job(model, read_model_info(model.source), resolved, layout,
-                                  [r["memory"] for r in self.status()["ranks"]])
-        args["memory"] = self.last_plan.wire()
-        return self._run("generate", model, args, on_event, cancel, leader_only=False)
+        info = read_model_info(model.source)
+
+        def plan(args: dict) -> None:  # in the job's slot, after before_job: every rank's free memory as it is now
+            self.last_plan = plan_job(model, info, resolved, layout, [r["memory"] for r in self.status()["ranks"]])
+            args["memory"] = self.last_plan.wire()  # MemoryPlanError here: refused before any rank runs it
+
+        return self._run("generate", model, args, on_event, cancel, leader_only=False, prepare=plan)
 
     def decode(self, model: p.ModelSpec, latents: torch.Tensor, frames: int | None = None, tiled: bool = True,
                on_event: Callable[[p.ProgressEvent], None] | None = None, cancel: Callable[[], bool] | None = None,
@@ -559,11 +561,13 @@ class WorkerPool:
             entry = self._ranks[rank]
         entry.channel.send(p.Fault(kind, int(step)).encode())
 
-    def _run(self, kind: str, model: p.ModelSpec, args: dict, on_event, cancel, leader_only: bool):
+    def _run(self, kind: str, model: p.ModelSpec, args: dict, on_event, cancel, leader_only: bool, prepare=None):
         with self._slot:
             self.start()
             if self.before_job is not None:
                 self.before_job(self.devices)
+            if prepare is not None:
+                prepare(args)
             with self._lock:
                 generation = self._generation
                 targets = list(self._ranks)[:1] if leader_only else list(self._ranks)
