@@ -368,18 +368,6 @@ def device_budget(memory: dict | None) -> int | None:
     return int(memory["free"]) + int(memory.get("reserved") or 0)
 
 
-def fit_tile(budget: int | None, sizes: ModelSizes, job: JobShape,
-             candidates=TILE_CANDIDATES) -> tuple[int, int] | None:
-    """The largest candidate tile whose decode activations fit ``budget`` bytes (VAE weights not included);
-    ``None`` when the whole frame fits untiled or the budget is unknown; the smallest candidate when none fits."""
-    if budget is None or decode_activations(job.height * job.width, sizes, job.dtype_bytes) <= budget:
-        return None
-    for tile in candidates:
-        if decode_activations(tile[0] * tile[1], sizes, job.dtype_bytes) <= budget:
-            return tile
-    return candidates[-1]
-
-
 def plan_job(spec, info, request, layout: Layout, rank_memory: list[dict | None]) -> MemoryPlan:
     """The plan for a pool job: ``spec`` a pool ModelSpec (its ``memory`` mode), ``request`` resolved,
     ``rank_memory`` each rank's heartbeat memory figures (CUDA: free/reserved; CPU ranks: no limit)."""
