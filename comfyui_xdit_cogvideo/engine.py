@@ -118,6 +118,10 @@ class CogVideoEngine:
         parsed = OptimizeOptions.parse(options, self.device)
         active = self.lora.specs
         self.lora.clear()  # fusing or fp8 rebuilds weights: merge again on the new storage from the originals
+        if parsed is not None and parsed.fuse_qkv and getattr(self.transformer, "_xdit_fp8_resident", False):
+            from dataclasses import replace
+
+            parsed = replace(parsed, fuse_qkv=False)  # a fused bf16 copy would undo fp8-resident's memory saving
         if parsed is None:
             remove_optimizations(self.transformer)
             self.optimizer = None

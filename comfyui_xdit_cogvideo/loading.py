@@ -49,6 +49,16 @@ class ModelSource:
     def resolve(self) -> "ResolvedSource":
         return ResolvedSource.of(self)
 
+    def wire(self) -> dict:
+        """The fields as a plain dict (what the pool sends to its workers)."""
+        return {"path": self.path, "vae": self.vae, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer,
+                "storage": self.storage}
+
+    @classmethod
+    def from_wire(cls, spec: dict) -> "ModelSource":
+        return cls(spec["path"], vae=spec.get("vae"), text_encoder=spec.get("text_encoder"),
+                   tokenizer=spec.get("tokenizer"), storage=spec.get("storage") or "upcast")
+
 
 @dataclass(frozen=True)
 class ResolvedSource:

@@ -259,6 +259,7 @@ def _folder_paths(base: Path):
         "text_encoders": ([str(base / "models" / "text_encoders"), str(base / "models" / "clip")], exts),
         "diffusers": ([str(base / "models" / "diffusers")], ["folder"]),
         "loras": ([str(base / "models" / "loras")], exts),
+        "diffusion_models": ([str(base / "models" / "unet"), str(base / "models" / "diffusion_models")], exts),
     }
     output = base / "output"
 

@@ -205,8 +205,7 @@ def test_native_fp8_scaled_new_style_metadata(tmp_path, tiny_path, reference):
 # ---------------------------------------------------------------------------------------------- VAE files
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("prefix", ["", "vae."])
+@pytest.mark.parametrize("dtype,prefix", [(torch.float32, ""), (torch.bfloat16, "vae.")], ids=["fp32", "bf16"])
 def test_vae_single_file_decodes_like_folder(tmp_path, tiny_path, dtype, prefix):
     folder = tiny_path("1.5-i2v")
     state = load_file(str(folder / "vae" / "diffusion_pytorch_model.safetensors"))

@@ -155,8 +155,8 @@ class Worker:
         model = layout = None
         engine, key = self.engine, self.engine_key  # read once: a job thread may swap them meanwhile
         if engine is not None and key is not None:
-            path, vae, text_encoder, dtype = key
-            model = {"path": path, "vae": vae, "text_encoder": text_encoder, "dtype": dtype,
+            path, vae, text_encoder, _, storage, dtype = key
+            model = {"path": path, "vae": vae, "text_encoder": text_encoder, "storage": storage, "dtype": dtype,
                      "attention": self.attention, "variant": engine.info.variant, "loras": engine.loras}
             lay = engine.groups.layout
             layout = [lay.cfg, lay.ulysses, lay.ring]
