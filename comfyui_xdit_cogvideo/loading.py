@@ -305,6 +305,18 @@ def vae_settings(info: ModelInfo) -> tuple[float, bool]:
     return scale, info.version == "1.5" and info.image_to_video
 
 
+def latent_scaling(source: ModelSource) -> float:
+    """The VAE scaling factor between diffusers' latents (scaled, what the transformer sees) and ComfyUI's LATENT
+    (the VAE's raw latents, which core's VAE Decode takes): from the VAE's config, else the published value."""
+    resolved = source.resolve()
+    vae = resolved.vae
+    if vae is not None:
+        config = vae / "config.json" if vae.is_dir() else vae.with_suffix(".json")
+        if config.exists() and json.loads(config.read_text()).get("scaling_factor"):
+            return float(json.loads(config.read_text())["scaling_factor"])
+    return vae_settings(read_model_info(source))[0]
+
+
 def check_vae(vae, info: ModelInfo, name: str, from_config: bool) -> None:
     """Raise when the VAE cannot serve this transformer (latent channels, or a published config of another model)."""
     channels = vae.config.latent_channels

@@ -303,4 +303,7 @@ def spec_from_core_model(model, precision: str | None = None, attention: str = "
                          "cannot apply; connect UNETLoader directly, or use the xDiT loader and LoRA nodes")
     options = args[1] if len(args) > 1 and isinstance(args[1], dict) else {}
     storage = "fp8" if str(options.get("dtype", "")).replace("torch.", "") in FP8_NAMES else "upcast"
-    return spec_for_files(path, precision=precision or "bf16", attention=attention, fp8_weights=storage)
+    if precision is None:  # compute in the dtype core chose for this model (fp32 on CPU, bf16 on most GPUs)
+        dtype = getattr(inner, "manual_cast_dtype", None) or getattr(inner, "get_dtype", lambda: None)()
+        precision = {"float32": "fp32", "float16": "fp16"}.get(str(dtype).replace("torch.", ""), "bf16")
+    return spec_for_files(path, precision=precision, attention=attention, fp8_weights=storage)

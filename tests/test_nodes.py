@@ -228,6 +228,33 @@ def test_core_folder_files_load_through_the_pool(comfy, parallel, tiny_path):
         models.spec_from_core_model(types.SimpleNamespace(**{**vars(core), "cached_patcher_init": None}))
 
 
+def test_sampler_takes_core_model_and_decode_takes_core_latents(comfy, embeds, parallel, tiny_path):
+    """Core's UNETLoader MODEL (its file, fp32 as core picks on CPU) samples what the folder samples; a bare core
+    LATENT (no extra keys) decodes like ours."""
+    from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest
+
+    path = str(comfy.base / "models" / "diffusion_models" / "cogvideox_native.safetensors")
+    core = types.SimpleNamespace(model=types.SimpleNamespace(
+        model_config=types.SimpleNamespace(unet_config={"image_model": "cogvideox"}),
+        manual_cast_dtype=None, get_dtype=lambda: torch.float32), patches={}, object_patches={},
+        cached_patcher_init=(None, (path, {})))
+    (latent,) = run_node(comfy.by_id["XDiTCogVideoSampler"], "11", model=core, positive=embeds[0], negative=embeds[1],
+                         width=48, height=32, frames=9, steps=2, guidance=6.0, dynamic_cfg=False, seed=4,
+                         scheduler="default", parallel=parallel).args
+    request = GenerationRequest(prompt_embeds=embeds[0][0][0], negative_prompt_embeds=embeds[1][0][0], frames=9,
+                                height=32, width=48, steps=2, guidance=6.0, seed=4)
+    want = CogVideoEngine(str(tiny_path("5b")), dtype="fp32").generate(request)
+    scale = latent["xdit_cogvideo"]["scaling_factor"]
+    torch.testing.assert_close(latent["samples"], want.float().permute(0, 2, 1, 3, 4) / scale, rtol=1e-4, atol=1e-5)
+    (spec,) = run_node(comfy.by_id["XDiTCogVideoModelLoader"], model="tiny-5b", vae="(from model folder)",
+                       text_encoder="(from model folder)", precision="fp32", attention="auto").args
+    decode = comfy.by_id["XDiTCogVideoDecode"]
+    (ours,) = run_node(decode, "12", model=spec, samples=latent, tiled=False, parallel=parallel).args
+    (bare,) = run_node(decode, "13", model=spec, samples={"samples": latent["samples"].clone()}, tiled=False,
+                       parallel=parallel).args
+    assert ours.shape == (9, 32, 48, 3) and torch.equal(ours, bare)
+
+
 def test_loader_output_is_a_pool_model_spec(comfy, spec):
     from comfyui_xdit_cogvideo.pool import ModelSpec
 
@@ -350,7 +377,10 @@ def test_sampler_decode_save_end_to_end(comfy, spec, embeds, parallel):
     request = GenerationRequest(prompt_embeds=embeds[0][0][0], negative_prompt_embeds=embeds[1][0][0], frames=9,
                                 height=32, width=48, steps=3, guidance=6.0, seed=1)
     want = CogVideoEngine(spec.source, dtype="fp32").generate(request)
-    torch.testing.assert_close(samples, want.float().permute(0, 2, 1, 3, 4), rtol=1e-4, atol=1e-5)
+    scale = latent["xdit_cogvideo"]["scaling_factor"]
+    assert scale == json.loads((spec.source.resolve().vae / "config.json").read_text())["scaling_factor"]
+    # ComfyUI's convention (core VAE Decode takes it): the VAE's raw latents, diffusers' divided by the scaling
+    torch.testing.assert_close(samples, want.float().permute(0, 2, 1, 3, 4) / scale, rtol=1e-4, atol=1e-5)
 
     (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled=True,
                          parallel=parallel).args
