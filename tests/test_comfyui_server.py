@@ -214,8 +214,8 @@ def test_loads_as_v3_package_with_panel_and_templates(server):
     js = [e for e in extensions if "xdit_cogvideo.js" in e]
     assert js == [f"/extensions/{PACKAGE}/xdit_cogvideo.js"]  # served once (WEB_DIRECTORY only)
     assert server.request(js[0])[0] == 200
-    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == ["cogvideox_i2v", "cogvideox_t2v",
-                                                                         "cogvideox_t2v_comfy_t5", "cogvideox_t2v_lora"]
+    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == [
+        "cogvideox_i2v", "cogvideox_t2v", "cogvideox_t2v_comfy_t5", "cogvideox_t2v_core_loaders", "cogvideox_t2v_lora"]
     assert info["XDiTCogVideoLoraLoader"]["input"]["required"]["lora_name"][1]["options"] == ["tiny-2b-kohya.safetensors"]
     status, template = server.request(f"/api/workflow_templates/{PACKAGE}/cogvideox_t2v.json")
     assert status == 200 and template["nodes"]
@@ -266,6 +266,67 @@ def test_own_save_node_instead_of_core_video_nodes(server):
 def test_i2v_api_workflow_writes_the_mp4(server):
     entry = _run(server, api_workflow("cogvideox_i2v", model="tiny-5b-i2v", steps=2, prefix="video/i2v"))
     assert entry["status"]["status_str"] == "success", entry["status"]
+    (saved,) = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert _mp4_info(server.base / "output" / saved["subfolder"] / saved["filename"]) == ((48, 32), 9)
+
+
+def _core_compatible_files(base: Path, cache: Path) -> None:
+    """A tiny transformer core's UNETLoader can load (head dim 64, 16 latent channels; ComfyUI-native names) and a
+    full-size random CogVideoX VAE (core builds its VAE at the published size), cached between runs."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from safetensors.torch import save_file
+
+    from comfyui_xdit_cogvideo.formats import diffusers_to_native
+
+    cache.mkdir(parents=True, exist_ok=True)
+    transformer, vae = cache / "cogvideox_core_tiny.safetensors", cache / "cogvideox_vae_random_bf16.safetensors"
+    if not transformer.exists():
+        import torch
+
+        torch.manual_seed(0)
+        model = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=16,
+            text_embed_dim=32, num_layers=1, sample_height=4, sample_width=6, sample_frames=9,
+            use_rotary_positional_embeddings=True)
+        save_file({"model.diffusion_model." + k: v.contiguous() for k, v in
+                   diffusers_to_native(model.state_dict()).items()}, str(transformer))
+    if not vae.exists():
+        import torch
+
+        torch.manual_seed(0)
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in AutoencoderKLCogVideoX().state_dict().items()},
+                  str(vae) + ".tmp")
+        os.replace(str(vae) + ".tmp", vae)
+    for folder, path in (("diffusion_models", transformer), ("vae", vae)):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        link = base / "models" / folder / path.name
+        if not link.exists():
+            link.symlink_to(path)
+
+
+def test_core_loaders_workflow_with_parallel_sampler(server, tiny_cache):
+    """The shipped mixed workflow: core UNETLoader -> our sampler -> core VAE Decode. Text comes from our T5 node
+    here (core's CLIPLoader would need the 9 GB T5-XXL); everything else runs as shipped."""
+    status, info = server.request("/object_info/CLIPLoader")
+    if "cogvideox" not in json.dumps(info):
+        pytest.skip("this ComfyUI has no native CogVideoX (needs 0.33 or newer); the mixed workflow cannot run")
+    _core_compatible_files(server.base, tiny_cache / "core-compatible")
+    prompt = json.loads((ROOT / "workflows" / "api" / "cogvideox_t2v_core_loaders_api.json").read_text())
+    kind = {n["class_type"]: k for k, n in prompt.items()}
+    prompt[kind["UNETLoader"]]["inputs"]["unet_name"] = "cogvideox_core_tiny.safetensors"
+    prompt[kind["VAELoader"]]["inputs"]["vae_name"] = "cogvideox_vae_random_bf16.safetensors"
+    for key in [k for k, n in prompt.items() if n["class_type"] in ("CLIPLoader", "CLIPTextEncode")]:
+        del prompt[key]
+    prompt["90"] = {"class_type": "XDiTCogVideoModelLoader", "inputs": {
+        "model": "tiny-2b", "vae": "(from model folder)", "text_encoder": "(from model folder)", "precision": "fp32",
+        "attention": "auto"}}
+    prompt["91"] = {"class_type": "XDiTCogVideoTextEncodeModelT5", "inputs": {
+        "model": ["90", 0], "prompt": "a red fox", "negative_prompt": "", "parallel": [kind["XDiTCogVideoParallelConfig"], 0]}}
+    sampler = prompt[kind["XDiTCogVideoSampler"]]["inputs"]
+    sampler.update(width=48, height=32, frames=9, steps=2, positive=["91", 0], negative=["91", 1])
+    prompt[kind["SaveVideo"]]["inputs"]["filename_prefix"] = "video/core_loaders"
+    entry = _run(server, prompt)
+    assert entry["status"]["status_str"] == "success", (entry["status"], server.log()[-3000:])
     (saved,) = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert _mp4_info(server.base / "output" / saved["subfolder"] / saved["filename"]) == ((48, 32), 9)
 
