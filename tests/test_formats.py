@@ -175,6 +175,9 @@ def test_fp8_file_equals_fp8_rounded_reference(tmp_path, tiny_path, scaled):
     assert linear.parametrizations.weight.original.dtype == torch.float8_e4m3fn
     assert linear.weight.dtype == torch.float32
     assert torch.equal(resident.generate(request_for("5b")), expected)
+    resident.optimize("fuse")  # a fused bf16 QKV copy would undo the saving: fusing stays off
+    assert not getattr(resident.transformer.transformer_blocks[0].attn1, "fused_projections", False)
+    assert torch.equal(resident.generate(request_for("5b")), expected)
     stored_bytes = sum(p.numel() * p.element_size() for p in resident.transformer.parameters())
     upcast_bytes = sum(p.numel() * p.element_size() for p in upcast_engine.transformer.parameters())
     assert stored_bytes < 0.45 * upcast_bytes  # fp8 vs fp32 here; vs bf16 it is about half
