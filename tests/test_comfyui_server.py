@@ -413,7 +413,13 @@ config = os.path.join(sys.argv[3], "t5_tiny.json")
 json.dump({"d_ff": 64, "d_kv": 8, "d_model": 32, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
            "is_gated_act": True, "model_type": "t5", "vocab_size": 32128}, open(config, "w"))
 pipe = CogVideoXPipeline(tokenizer=hf, text_encoder=hf_model, vae=None, transformer=None, scheduler=None)
-for mask in (True, False):  # True = CLIPLoader type mochi (masks padding), False = type sd3
+cases = [("True", True, comfy.text_encoders.genmo.MochiT5Tokenizer), ("False", False, comfy.text_encoders.genmo.MochiT5Tokenizer)]
+try:  # ComfyUI with native CogVideoX: CLIPLoader type cogvideox (226-token padding, no mask)
+    import comfy.text_encoders.cogvideo
+    cases.append(("cogvideox", False, comfy.text_encoders.cogvideo.CogVideoXTokenizer))
+except ImportError:
+    pass
+for label, mask, tokenizer_class in cases:  # True = CLIPLoader type mochi (masks padding), False = type sd3
     class T5Model(sd1_clip.SDClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}, **kw):
             super().__init__(device=device, textmodel_json_config=config, dtype=dtype, special_tokens={"end": 1, "pad": 0},
@@ -422,16 +428,16 @@ for mask in (True, False):  # True = CLIPLoader type mochi (masks padding), Fals
     class Clip(sd1_clip.SD1ClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):
             super().__init__(device=device, dtype=dtype, name="t5xxl", clip_model=T5Model, model_options=model_options)
-    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.genmo.MochiT5Tokenizer, Clip)
+    target = comfy.supported_models_base.ClipTarget(tokenizer_class, Clip)
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
     missing, _ = clip.load_sd({k: v.float() for k, v in hf_model.state_dict().items()})
     assert not missing, missing
     for p in prompts:
         want = pipe._get_t5_prompt_embeds(p, max_sequence_length=226, device=torch.device("cpu"), dtype=torch.float32)
         ours, _ = text.encode_with_clip(clip, p)
-        out.setdefault(f"node_mask{mask}", []).append(float((ours - want).abs().max()))
+        out.setdefault(f"node_mask{label}", []).append(float((ours - want).abs().max()))
         plain = clip.encode_from_tokens(clip.tokenize(p, tokenizer_options={"t5xxl_min_length": 226}), return_dict=True)["cond"]
-        out.setdefault(f"plain_mask{mask}", []).append(float((plain - want).abs().max()) if plain.shape == want.shape else None)
+        out.setdefault(f"plain_mask{label}", []).append(float((plain - want).abs().max()) if plain.shape == want.shape else None)
 print("RESULT " + json.dumps(out))
 """
 
@@ -449,6 +455,9 @@ def test_comfy_clip_text_encode_equals_diffusers(tmp_path):
     # plain ComfyUI encodes differ: masked padding (type mochi), or no truncation for long prompts
     assert max(x for x in result["plain_maskTrue"] if x is not None) > 0.1
     assert result["plain_maskFalse"][-1] is None
+    if "node_maskcogvideox" in result:  # CLIPLoader type cogvideox: our node, and core's own encode up to 225 tokens
+        assert max(result["node_maskcogvideox"]) < 1e-4
+        assert max(result["plain_maskcogvideox"][:3]) < 1e-4 and result["plain_maskcogvideox"][-1] is None
 
 
 NATIVE_CHECK = r"""import json, os, sys
