@@ -247,7 +247,8 @@ def upcast(weight: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype)
     if weight.dtype in FP8_DTYPES:
         out = weight.float()
         if scale is not None:
-            out = out * (scale.to(out.device) if scale.dim() == 0 else scale.to(out.device).reshape(-1, *[1] * (out.dim() - 1)))
+            scale = scale.to(out.device)
+            out = out * (scale if scale.dim() == 0 else scale.reshape(-1, *[1] * (out.dim() - 1)))
         return out.to(dtype)
     return weight.to(dtype)
 

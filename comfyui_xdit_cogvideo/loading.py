@@ -93,7 +93,8 @@ class ResolvedSource:
             return cls(p / "transformer", p, _opt(source.vae) or sub("vae"),
                        _opt(source.text_encoder) or sub("text_encoder"), tokenizer or own_tokenizer, source.storage)
         if p.suffix not in (".safetensors", ".sft"):
-            raise ModelError(f"{str(p)!r} is not a .safetensors file; other formats (.pt, .bin, .gguf) are not supported")
+            raise ModelError(f"{str(p)!r} is not a .safetensors file; other formats (.pt, .bin, .gguf) are not "
+                             "supported")
         return cls(p, None, _opt(source.vae), _opt(source.text_encoder),
                    tokenizer or _tokenizer_beside(source.text_encoder), source.storage)
 

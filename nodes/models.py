@@ -245,7 +245,8 @@ def build_spec(model: str, vae: str = FROM_MODEL, text_encoder: str = FROM_MODEL
     eng = engine()
     path = resolve(model, MODEL_FOLDERS)
     if path is None:
-        raise eng.ModelError(f"model {model!r} not found in models/CogVideo, models/diffusers or models/diffusion_models")
+        raise eng.ModelError(f"model {model!r} not found in models/CogVideo, models/diffusers or "
+                             "models/diffusion_models")
     vae_path = None if vae == FROM_MODEL else resolve(vae, ("vae",) + MODEL_FOLDERS)
     if vae != FROM_MODEL and vae_path is None:
         raise eng.ModelError(f"vae {vae!r} not found in models/vae, models/CogVideo or models/diffusers")

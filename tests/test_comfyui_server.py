@@ -321,7 +321,8 @@ def test_core_loaders_workflow_with_parallel_sampler(server, tiny_cache):
         "model": "tiny-2b", "vae": "(from model folder)", "text_encoder": "(from model folder)", "precision": "fp32",
         "attention": "auto"}}
     prompt["91"] = {"class_type": "XDiTCogVideoTextEncodeModelT5", "inputs": {
-        "model": ["90", 0], "prompt": "a red fox", "negative_prompt": "", "parallel": [kind["XDiTCogVideoParallelConfig"], 0]}}
+        "model": ["90", 0], "prompt": "a red fox", "negative_prompt": "",
+        "parallel": [kind["XDiTCogVideoParallelConfig"], 0]}}
     sampler = prompt[kind["XDiTCogVideoSampler"]]["inputs"]
     sampler.update(width=48, height=32, frames=9, steps=2, positive=["91", 0], negative=["91", 1])
     prompt[kind["SaveVideo"]]["inputs"]["filename_prefix"] = "video/core_loaders"
@@ -413,7 +414,8 @@ config = os.path.join(sys.argv[3], "t5_tiny.json")
 json.dump({"d_ff": 64, "d_kv": 8, "d_model": 32, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
            "is_gated_act": True, "model_type": "t5", "vocab_size": 32128}, open(config, "w"))
 pipe = CogVideoXPipeline(tokenizer=hf, text_encoder=hf_model, vae=None, transformer=None, scheduler=None)
-cases = [("True", True, comfy.text_encoders.genmo.MochiT5Tokenizer), ("False", False, comfy.text_encoders.genmo.MochiT5Tokenizer)]
+mochi = comfy.text_encoders.genmo.MochiT5Tokenizer
+cases = [("True", True, mochi), ("False", False, mochi)]
 try:  # ComfyUI with native CogVideoX: CLIPLoader type cogvideox (226-token padding, no mask)
     import comfy.text_encoders.cogvideo
     cases.append(("cogvideox", False, comfy.text_encoders.cogvideo.CogVideoXTokenizer))

@@ -37,7 +37,8 @@ def _core_folders(base, tiny_path):
     save_file({"model.diffusion_model." + k: v for k, v in diffusers_to_native(state).items()},
               str(models / "diffusion_models" / "cogvideox_native.safetensors"))
     shutil.copyfile(folder / "transformer" / "config.json", models / "diffusion_models" / "cogvideox_native.json")
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)}, str(models / "diffusion_models" / "flux.safetensors"))
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)},
+              str(models / "diffusion_models" / "flux.safetensors"))
     shutil.copyfile(folder / "text_encoder" / "model.safetensors", models / "text_encoders" / "t5xxl_tiny.safetensors")
     (models / "text_encoders" / "tokenizer").symlink_to(folder / "tokenizer", target_is_directory=True)
 
