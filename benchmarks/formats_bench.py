@@ -9,7 +9,8 @@ steps from random prompt embeddings:
     fp8-resident       the same file, matrices kept in fp8, each layer upcast when it runs
     fp8-scaled-upcast  ComfyUI's scaled fp8 (per-tensor scale_weight), upcast at load
 
-    python benchmarks/formats_bench.py --model 5b --out formats.json --dir /tmp/formats --steps 6
+    python benchmarks/formats_bench.py --model 5b --out formats.json --dir /tmp/formats --steps 5
+    python benchmarks/formats_bench.py ... --formats fp8-resident,fp8-scaled-upcast   # files are reused
     python benchmarks/formats_bench.py --tiny --device cpu --out /tmp/f.json --dir /tmp/f   # CPU smoke test
 
 Load time includes reading the file (the page cache is dropped first when possible, else the number is a warm
@@ -34,8 +35,10 @@ from common import ROOT, Results, StepTimer, build_transformer, log, median_afte
 FORMATS = ("diffusers-folder", "native-bf16", "fp8-upcast", "fp8-resident", "fp8-scaled-upcast")
 
 
-def write_formats(name: str, folder: Path, tiny: bool) -> dict[str, Path]:
-    """The model in every format under ``folder`` (kept between runs: files are only written when missing)."""
+def write_formats(name: str, folder: Path, tiny: bool, device: str = "cpu") -> dict[str, Path]:
+    """The model in every format under ``folder`` (kept between runs: files are only written when missing).
+
+    The random weights are made on ``device`` (fast on a GPU), then saved from the CPU."""
     from safetensors.torch import save_file
 
     from comfyui_xdit_cogvideo.formats import diffusers_to_native, to_fp8_storage
@@ -46,7 +49,7 @@ def write_formats(name: str, folder: Path, tiny: bool) -> dict[str, Path]:
              "fp8-scaled-upcast": folder / "fp8_e4m3fn_scaled.safetensors"}
     if all(p.exists() for p in paths.values()):
         return paths
-    model = build_transformer(name, "cpu", torch.bfloat16, tiny=tiny)
+    model = build_transformer(name, device, torch.bfloat16, tiny=tiny).to("cpu")
     model.save_pretrained(paths["diffusers-folder"] / "transformer", max_shard_size="5GB")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     del model
@@ -67,6 +70,7 @@ def drop_page_cache(path: Path) -> bool:
         for f in files:
             fd = os.open(f, os.O_RDONLY)
             try:
+                os.fsync(fd)  # dirty pages (a file just written) are not dropped
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
@@ -125,7 +129,8 @@ def main() -> None:
         return
     results = Results(args.out, budget_s=1e9)
     t0 = time.perf_counter()
-    paths = write_formats(args.model, Path(args.dir) / (("tiny-" if args.tiny else "") + args.model), args.tiny)
+    paths = write_formats(args.model, Path(args.dir) / (("tiny-" if args.tiny else "") + args.model), args.tiny,
+                          args.device)
     results.put("write_s", round(time.perf_counter() - t0, 1))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for fmt in args.formats.split(","):
