@@ -88,6 +88,9 @@ class Sampler(io.ComfyNode):
             from .models import spec_from_core_model
 
             model = spec_from_core_model(model)
+            if image is not None:
+                raise ValueError("image-to-video needs the VAE to encode the start image, which core's MODEL does not "
+                                 "bring: use 'xDiT CogVideoX Model Loader' with the same file and the CogVideoX VAE")
         info = read_model_info(model.source)
         start = None
         if image is not None:

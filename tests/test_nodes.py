@@ -173,6 +173,16 @@ def test_model_lists(comfy):
     assert models.list_models() == ["broken", "nested/tiny-5b-i2v", "single-2b.safetensors", "tiny-2b", "tiny-5b",
                                     "cogvideox_native.safetensors"]  # not flux.safetensors
     assert "t5xxl_tiny.safetensors" in models.list_text_encoders()
+    extra = comfy.base / "elsewhere" / "unet"  # an extra_model_paths.yaml entry for diffusion_models
+    extra.mkdir(parents=True)
+    shutil.copyfile(comfy.base / "models" / "diffusion_models" / "cogvideox_native.safetensors",
+                    extra / "other.safetensors")
+    comfy.folder_paths.add_model_folder_path("diffusion_models", str(extra))
+    try:
+        assert models.list_models()[-1] == "other.safetensors"
+        assert models.resolve("other.safetensors", models.MODEL_FOLDERS) == str(extra / "other.safetensors")
+    finally:
+        comfy.folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(extra))
     vaes = models.list_vaes()
     assert vaes[0] == "(from model folder)" and "my_vae.safetensors" in vaes and "tiny-2b/vae" in vaes
     assert "tiny-2b/text_encoder" in models.list_text_encoders()
