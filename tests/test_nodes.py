@@ -264,6 +264,10 @@ def test_sampler_takes_core_model_and_decode_takes_core_latents(comfy, embeds, p
     (bare,) = run_node(decode, "13", model=spec, samples={"samples": latent["samples"].clone()}, tiled=False,
                        parallel=parallel).args
     assert ours.shape == (9, 32, 48, 3) and torch.equal(ours, bare)
+    with pytest.raises(ValueError, match="image-to-video needs the VAE"):
+        run_node(comfy.by_id["XDiTCogVideoSampler"], "14", model=core, positive=embeds[0], negative=embeds[1],
+                 width=48, height=32, frames=9, steps=2, guidance=6.0, dynamic_cfg=False, seed=4,
+                 scheduler="default", parallel=parallel, image=torch.rand(1, 32, 48, 3))
 
 
 def test_loader_output_is_a_pool_model_spec(comfy, spec):
