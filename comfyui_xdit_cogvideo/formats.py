@@ -124,40 +124,56 @@ def diffusers_to_native(state: dict) -> dict:
 
 TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.", "")
 
-# (test on the key set, what the file is, what to do instead), checked before CogVideoX is assumed.
+# (test on the key set, what the file is, what to do instead). Derivatives are checked among a CogVideoX
+# transformer's own keys; the other models only when no CogVideoX transformer is in the file (a checkpoint that
+# also holds a VAE and T5 is a CogVideoX transformer file too).
+_DERIVATIVES = (
+    (lambda ks: any("traj_extractor" in k or ".fuser" in k for k in ks),
+     "a CogVideoX Tora model (trajectory-guided)", "Tora is not supported; use a CogVideoX or CogVideoX 1.5 model"),
+    (lambda ks: any(k.startswith("controlnet") or ".controlnet" in k for k in ks),
+     "a CogVideoX ControlNet", "control models are not supported; use a CogVideoX or CogVideoX 1.5 model"),
+    (lambda ks: any(".lora_" in k or k.endswith(("lora_A.weight", "lora_down.weight")) for k in ks),
+     "a CogVideoX model with LoRA weights inside", "load the base model and the LoRA separately"),
+)
 _FOREIGN = (
     (lambda ks: any(k.endswith("double_blocks.0.img_attn.qkv.weight") for k in ks) and
      any("txt_in." in k for k in ks), "a HunyuanVideo transformer", None),
     (lambda ks: any("double_blocks." in k or "single_blocks." in k for k in ks), "a Flux transformer", None),
     (lambda ks: any(k.endswith("blocks.0.self_attn.q.weight") for k in ks) or
      any(k.endswith("head.modulation") for k in ks), "a Wan transformer", None),
-    (lambda ks: any(k.endswith("lora_A.weight") or k.endswith("lora_down.weight") or ".lora_" in k for k in ks),
+    (lambda ks: any(".lora_" in k or k.endswith(("lora_A.weight", "lora_down.weight")) for k in ks),
      "a LoRA", "load it as a LoRA on top of a CogVideoX model, not as the model"),
     (lambda ks: any(k.endswith("decoder.conv_in.conv.weight") or k.endswith("decoder.conv_in.weight") for k in ks),
      "a VAE", "choose it in the vae input, and a CogVideoX transformer as the model"),
     (lambda ks: any("encoder.block.0.layer.0.SelfAttention" in k for k in ks),
      "a T5 text encoder", "choose it in the text encoder input, and a CogVideoX transformer as the model"),
-    (lambda ks: any("traj_extractor" in k or ".fuser" in k for k in ks),
-     "a CogVideoX Tora model (trajectory-guided)", "Tora is not supported; use a CogVideoX or CogVideoX 1.5 model"),
-    (lambda ks: any(k.startswith("controlnet") or ".controlnet" in k or "controlnet_" in k for k in ks),
-     "a CogVideoX ControlNet", "control models are not supported; use a CogVideoX or CogVideoX 1.5 model"),
     (lambda ks: any("mixins.patch_embed" in k for k in ks),
      "an original SAT-format CogVideoX checkpoint",
      "convert it to diffusers format (diffusers' scripts/convert_cogvideox_to_diffusers.py)"),
-)
+) + _DERIVATIVES
+
+
+def _named(name: str, what: str, instead: str | None) -> ModelError:
+    return ModelError(f"{name} is {what}, not a CogVideoX transformer" + (
+        f"; {instead}" if instead else "; pick a CogVideoX (2b, 5b, 5b-I2V, 1.5-5b, 1.5-5b-I2V) file"))
 
 
 def transformer_layout(keys: list[str], name: str = "this file") -> tuple[str, str]:
     """(prefix, 'diffusers' | 'native') of a CogVideoX transformer's keys, or a ModelError naming what it is."""
+    for prefix in TRANSFORMER_PREFIXES:
+        if prefix + "patch_embed.proj.weight" not in keys:
+            continue
+        for layout, probe in (("diffusers", "transformer_blocks.0.norm1.linear.weight"),
+                              ("native", "blocks.0.norm1.linear.weight")):
+            if prefix + probe in keys:
+                own = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+                for test, what, instead in _DERIVATIVES:
+                    if test(own):
+                        raise _named(name, what, instead)
+                return prefix, layout
     for test, what, instead in _FOREIGN:
         if test(keys):
-            raise ModelError(f"{name} is {what}, not a CogVideoX transformer" + (f"; {instead}" if instead else
-                             "; pick a CogVideoX (2b, 5b, 5b-I2V, 1.5-5b, 1.5-5b-I2V) file"))
-    for prefix in TRANSFORMER_PREFIXES:
-        if prefix + "transformer_blocks.0.norm1.linear.weight" in keys and prefix + "patch_embed.proj.weight" in keys:
-            return prefix, "diffusers"
-        if prefix + "blocks.0.norm1.linear.weight" in keys and prefix + "patch_embed.proj.weight" in keys:
-            return prefix, "native"
+            raise _named(name, what, instead)
     for prefix in TRANSFORMER_PREFIXES:
         if any(k.startswith(prefix + "patch_embed.") for k in keys):
             raise ModelError(f"{name} has CogVideoX patch-embedding weights but no transformer blocks; the file "

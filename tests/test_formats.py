@@ -292,6 +292,12 @@ def test_wrong_transformer_files_are_named(tmp_path, tiny_path):
     for what, tensors in cases.items():
         with pytest.raises(ModelError, match=what):
             CogVideoEngine(_save(tmp_path / "x.safetensors", tensors))
+    combined = {"model.diffusion_model." + k: v for k, v in state.items()}
+    combined.update({"vae.decoder.conv_in.conv.weight": torch.zeros(2),
+                     "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight": torch.zeros(2)})
+    path = _save(tmp_path / "checkpoint.safetensors", combined)  # a whole checkpoint: its transformer part loads
+    (tmp_path / "checkpoint.json").write_text((folder / "transformer" / "config.json").read_text())
+    assert read_model_info(ModelSource(path)) == read_model_info(ModelSource(str(folder)))
     with pytest.raises(ModelError, match="no transformer blocks.*incomplete"):
         CogVideoEngine(_save(tmp_path / "x.safetensors", {"patch_embed.proj.weight": (2,)}))
 
