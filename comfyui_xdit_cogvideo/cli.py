@@ -49,7 +49,11 @@ def _build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                        help="tiny, tiny-5b, tiny-5b-i2v, tiny-1.5, tiny-1.5-i2v, a diffusers folder, or a transformer "
                             ".safetensors file")
     model.add_argument("--vae", help="VAE folder or .safetensors (for a single-file transformer)")
-    model.add_argument("--text-encoder", help="T5 folder with its tokenizer (for a single-file transformer)")
+    model.add_argument("--text-encoder", help="T5 folder with its tokenizer, or a T5 .safetensors file "
+                                              "(t5xxl_fp16, t5xxl_fp8_e4m3fn[_scaled]) with --tokenizer")
+    model.add_argument("--tokenizer", help="T5 tokenizer folder (when none lies beside --text-encoder)")
+    model.add_argument("--weights", choices=["upcast", "fp8"], default="upcast",
+                       help="fp8-stored transformer files: upcast at load (default) or keep fp8 in memory")
     model.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="default: bf16 on cuda, fp32 on cpu")
     model.add_argument("--attention", default="auto", help="attention kernel: auto, cudnn, flash, sdpa, fa4, ...")
     model.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
@@ -267,10 +271,11 @@ def _load_embeds(path: str):
 
 
 def _check_model_paths(args) -> None:
-    """--vae and --text-encoder name themselves when they point nowhere (before any model is built)."""
+    """--vae, --text-encoder and --tokenizer name themselves when they point nowhere (before any model is built)."""
     for flag, value, expected in (("--vae", args.vae, "a diffusers vae/ folder or a VAE .safetensors file"),
                                   ("--text-encoder", args.text_encoder,
-                                   "a T5 folder (config.json, weights and its tokenizer)")):
+                                   "a T5 folder (config.json, weights and its tokenizer) or a T5 .safetensors file"),
+                                  ("--tokenizer", args.tokenizer, "a T5 tokenizer folder")):
         if value is not None and not Path(value).expanduser().exists():
             raise CliError(f"{flag} {value!r} does not exist; give {expected}")
 
@@ -358,8 +363,9 @@ def _generate(args) -> int:
 
     dtype = args.dtype or ("bf16" if kind == "cuda" else "fp32")
     loras = tuple(LoraSpec.parse(text) for text in args.lora)
-    spec = ModelSpec(ModelSource(args.model, vae=args.vae, text_encoder=args.text_encoder), dtype, args.attention,
-                     loras, args.memory)
+    spec = ModelSpec(ModelSource(args.model, vae=args.vae, text_encoder=args.text_encoder,
+                                 tokenizer=args.tokenizer, storage=args.weights), dtype, args.attention, loras,
+                     args.memory)
     spec.validate()
     try:
         resolve_kernel(args.attention, "cuda" if kind == "cuda" else "cpu")

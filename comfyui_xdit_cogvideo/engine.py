@@ -164,6 +164,10 @@ class CogVideoEngine:
                                    f"{self.memory.name!r} choose them when the engine is built")
         active = self.lora.specs
         self.lora.clear()  # fusing or fp8 rebuilds weights: merge again on the new storage from the originals
+        if parsed is not None and parsed.fuse_qkv and getattr(self.transformer, "_xdit_fp8_resident", False):
+            from dataclasses import replace
+
+            parsed = replace(parsed, fuse_qkv=False)  # a fused bf16 copy would undo fp8-resident's memory saving
         if parsed is None:
             remove_optimizations(self.transformer)
             self.optimizer = None

@@ -82,27 +82,6 @@ def variant_name(*, heads: int, head_dim: int, in_channels: int, latent_channels
     return name + ("-i2v" if in_channels == 2 * latent_channels else "")
 
 
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "transformer.", "model.")
-
-
-def strip_prefix(keys: list[str]) -> str:
-    """The prefix every transformer key carries in a single file ('' for plain diffusers keys)."""
-    for prefix in _PREFIXES:
-        if any(k.startswith(prefix + "patch_embed.") for k in keys):
-            return prefix
-    if any(k.startswith("patch_embed.") for k in keys):
-        return ""
-    if any("mixins.patch_embed" in k for k in keys):
-        raise ModelError(
-            "this is an original SAT-format CogVideoX checkpoint; convert it to diffusers format "
-            "(diffusers' scripts/convert_cogvideox_to_diffusers.py) or use a diffusers-format transformer file"
-        )
-    raise ModelError(
-        "no CogVideoX transformer weights found (expected keys like 'patch_embed.proj.weight' and "
-        f"'transformer_blocks.0.attn1.to_q.weight'); first keys: {sorted(keys)[:5]}"
-    )
-
-
 def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> dict:
     """A diffusers CogVideoXTransformer3DModel config rebuilt from the weights' shapes (keys without prefix)."""
     try:

@@ -1,9 +1,11 @@
 """Where model files live inside ComfyUI, and the model-loader node.
 
-Models are looked up in ``models/CogVideo`` (registered here; the folder kijai's CogVideoX wrapper also uses) and
-``models/diffusers`` (core's folder for diffusers-format models), plus any extra paths from
-``extra_model_paths.yaml`` for those names. Entries are diffusers-format folders (with ``transformer/``) and single
-transformer ``.safetensors`` files.
+Models are looked up in ``models/CogVideo`` (registered here; the folder kijai's CogVideoX wrapper also uses),
+``models/diffusers`` (core's folder for diffusers-format models) and core's ``models/diffusion_models`` (single
+files, where core's UNETLoader reads them too), plus any extra paths from ``extra_model_paths.yaml`` for those
+names. Entries are diffusers-format folders (with ``transformer/``) and single transformer ``.safetensors`` files
+with diffusers or ComfyUI-native names (only files whose header holds a CogVideoX transformer are listed). VAEs
+come from ``models/vae``, T5 from ``models/text_encoders`` (folders, or files such as ``t5xxl_fp16.safetensors``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from comfy_api.latest import io
 
 from .common import ATTENTION_BACKENDS, CATEGORY, PRECISIONS, ModelType, check_choice, engine
 
-MODEL_FOLDERS = ("CogVideo", "diffusers")
+MODEL_FOLDERS = ("CogVideo", "diffusers", "diffusion_models")
 FROM_MODEL = "(from model folder)"
 SAFETENSORS = (".safetensors", ".sft")
+WEIGHT_STORAGE = ["upcast", "fp8"]
 _MAX_DEPTH = 3
+_HEADER_CACHE: dict[tuple[str, float, int], frozenset[str]] = {}
 
 
 def register_folders() -> None:
@@ -58,14 +62,46 @@ def _scan(root: str, depth: int = 0, prefix: str = ""):
             yield name, "file"
 
 
+def header_keys(path: str) -> frozenset[str]:
+    """Tensor names in a safetensors file's header (cached by size and mtime); empty if it cannot be read."""
+    import json
+    import struct
+
+    try:
+        stat = os.stat(path)
+        key = (path, stat.st_mtime, stat.st_size)
+        if key not in _HEADER_CACHE:
+            with open(path, "rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                names = json.loads(f.read(length)) if length <= min(stat.st_size, 100 << 20) else {}
+            _HEADER_CACHE[key] = frozenset(k for k in names if k != "__metadata__")
+        return _HEADER_CACHE[key]
+    except (OSError, ValueError, struct.error):
+        return frozenset()
+
+
+def file_kind(path: str) -> str:
+    """'cogvideox', 't5', 'vae' or 'other' from a safetensors header alone."""
+    keys = header_keys(path)
+    if any(k.endswith("patch_embed.proj.weight") for k in keys) and \
+            any(k.endswith("blocks.0.norm1.linear.weight") for k in keys):
+        return "cogvideox"
+    if any(k.endswith("encoder.block.0.layer.0.SelfAttention.q.weight") for k in keys):
+        return "t5"
+    if any(k.endswith("decoder.mid_block.resnets.0.norm1.norm_layer.weight") for k in keys):
+        return "vae"
+    return "other"
+
+
 def list_models() -> list[str]:
-    """Model choices: diffusers folders and transformer files in models/CogVideo, then models/diffusers."""
+    """Model choices: diffusers folders and CogVideoX transformer files in models/CogVideo, models/diffusers and
+    models/diffusion_models (other models' files there are left out)."""
     names: list[str] = []
     for folder in MODEL_FOLDERS:
         for root in _roots(folder):
             for name, kind in _scan(root):
-                if kind == "file" and "vae" in os.path.basename(name).lower():
-                    continue  # a VAE kept beside the transformers is offered in the vae list instead
+                if kind == "file" and file_kind(os.path.join(root, name)) != "cogvideox":
+                    continue  # VAEs, T5 and other models' files (Flux, Wan, ...) are not offered here
                 if name not in names:
                     names.append(name)
     return names
@@ -76,7 +112,7 @@ def list_vaes() -> list[str]:
     for folder in ("vae",) + MODEL_FOLDERS:
         for root in _roots(folder):
             for name, kind in _scan(root):
-                if kind == "file" and (folder == "vae" or "vae" in os.path.basename(name).lower()):
+                if kind == "file" and file_kind(os.path.join(root, name)) == "vae":
                     names.append(name)
             if folder != "vae":
                 for name, kind in _scan(root):
@@ -86,7 +122,8 @@ def list_vaes() -> list[str]:
 
 
 def list_text_encoders() -> list[str]:
-    """HF-format T5 folders (config.json + a tokenizer beside or inside): in text_encoders, or a model's own."""
+    """T5 encoders: HF-format folders (config.json) and single T5 files (t5xxl_fp16, t5xxl_fp8_e4m3fn[_scaled])
+    in text_encoders, or a model folder's own text_encoder/."""
     names = [FROM_MODEL]
     for root in _roots("text_encoders"):
         try:
@@ -95,6 +132,8 @@ def list_text_encoders() -> list[str]:
             continue
         for entry in entries:
             if entry.is_dir() and os.path.exists(os.path.join(entry.path, "config.json")):
+                names.append(entry.name)
+            elif entry.name.lower().endswith(SAFETENSORS) and file_kind(entry.path) == "t5":
                 names.append(entry.name)
     for folder in MODEL_FOLDERS:
         for root in _roots(folder):
@@ -135,16 +174,18 @@ class ModelLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("model", options=list_models(), tooltip=(
                     "A diffusers-format CogVideoX folder (transformer/, scheduler/, vae/, text_encoder/, tokenizer/) "
-                    "or a single transformer .safetensors file, from models/CogVideo or models/diffusers. "
+                    "or a single transformer .safetensors file (diffusers or ComfyUI-native names, bf16 or fp8), from "
+                    "models/CogVideo, models/diffusers or models/diffusion_models. "
                     "Supported: CogVideoX-2b, -5b, -5b-I2V, CogVideoX1.5-5b, -5b-I2V.")),
                 io.Combo.Input("vae", options=list_vaes(), default=FROM_MODEL, tooltip=(
                     "The CogVideoX VAE (needed to decode, and to encode the start image for I2V). "
                     f"'{FROM_MODEL}' uses the model folder's vae/; pick a file from models/vae or models/CogVideo "
                     "for single-file transformers.")),
                 io.Combo.Input("text_encoder", options=list_text_encoders(), default=FROM_MODEL, tooltip=(
-                    "The T5 text encoder used by 'xDiT CogVideoX Text Encode (Model T5)'. "
-                    f"'{FROM_MODEL}' uses the model folder's text_encoder/ and tokenizer/. Not needed when you "
-                    "encode text with ComfyUI's CLIPLoader + 'xDiT CogVideoX Text Encode (CLIP)'.")),
+                    "The T5 text encoder used by 'xDiT CogVideoX Text Encode (Model T5)': a T5 folder or a file from "
+                    "models/text_encoders (t5xxl_fp16, t5xxl_fp8_e4m3fn, ..._scaled; the same files core's "
+                    f"CLIPLoader reads). '{FROM_MODEL}' uses the model folder's text_encoder/ and tokenizer/. Not "
+                    "needed when you encode text with ComfyUI's CLIPLoader + a text encode node.")),
                 io.Combo.Input("precision", options=PRECISIONS, default="bf16", tooltip=(
                     "Weight and compute dtype on the workers. bf16 is what CogVideoX was trained in (2b also runs "
                     "in fp16); fp32 is for CPU tests and exact comparisons.")),
@@ -152,20 +193,27 @@ class ModelLoader(io.ComfyNode):
                     "Attention kernel on the workers. auto = the fastest installed for the device: flash-attn-4 "
                     "(fa4) on Hopper/Blackwell when installed, else cuDNN SDPA; on CPU an exact kernel with "
                     "log-sum-exp (math).")),
+                io.Combo.Input("fp8_weights", options=WEIGHT_STORAGE, default="upcast", optional=True, tooltip=(
+                    "Only for files whose weights are stored in fp8 (*_fp8_e4m3fn): 'upcast' converts them to the "
+                    "precision above at load (same memory as bf16); 'fp8' keeps the transformer blocks' linear "
+                    "weights in fp8 and upcasts one layer at a time when it computes (about half the weight "
+                    "memory, slightly slower).")),
             ],
             outputs=[ModelType.Output(display_name="model", tooltip=(
                 "A handle on the model (paths and settings, no weights) for the sampler, decode and text encode."))],
         )
 
     @classmethod
-    def validate_inputs(cls, model=None, vae=None, text_encoder=None, precision=None, attention=None):
+    def validate_inputs(cls, model=None, vae=None, text_encoder=None, precision=None, attention=None,
+                        fp8_weights=None):
         # Only constant (widget) values arrive here; linked ones are None and checked in execute.
-        for name, value, options in (("precision", precision, PRECISIONS), ("attention", attention, ATTENTION_BACKENDS)):
+        for name, value, options in (("precision", precision, PRECISIONS), ("attention", attention, ATTENTION_BACKENDS),
+                                     ("fp8_weights", fp8_weights, WEIGHT_STORAGE)):
             if value is not None and (err := check_choice(name, value, options)):
                 return err
         if model is not None and resolve(model, MODEL_FOLDERS) is None:
-            return (f"model {model!r} was not found in models/CogVideo or models/diffusers; put a diffusers-format "
-                    "CogVideoX folder or a transformer .safetensors there and refresh")
+            return (f"model {model!r} was not found in models/CogVideo, models/diffusers or models/diffusion_models; "
+                    "put a diffusers-format CogVideoX folder or a transformer .safetensors there and refresh")
         if vae not in (None, FROM_MODEL) and resolve(vae, ("vae",) + MODEL_FOLDERS) is None:
             return f"vae {vae!r} was not found in models/vae, models/CogVideo or models/diffusers"
         if text_encoder not in (None, FROM_MODEL) and resolve(text_encoder, ("text_encoders",) + MODEL_FOLDERS) is None:
@@ -173,20 +221,32 @@ class ModelLoader(io.ComfyNode):
         return True
 
     @classmethod
-    def execute(cls, model, vae=FROM_MODEL, text_encoder=FROM_MODEL, precision="bf16", attention="auto") -> io.NodeOutput:
-        return io.NodeOutput(build_spec(model, vae, text_encoder, precision, attention))
+    def execute(cls, model, vae=FROM_MODEL, text_encoder=FROM_MODEL, precision="bf16", attention="auto",
+                fp8_weights="upcast") -> io.NodeOutput:
+        return io.NodeOutput(build_spec(model, vae, text_encoder, precision, attention, fp8_weights))
+
+
+def comfy_t5_tokenizer() -> str | None:
+    """ComfyUI's own T5 tokenizer folder (comfy/text_encoders/t5_tokenizer), which its T5-XXL files are used with."""
+    try:
+        import comfy.text_encoders
+    except ImportError:
+        return None
+    for root in getattr(comfy.text_encoders, "__path__", []):
+        folder = os.path.join(root, "t5_tokenizer")
+        if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
+            return folder
+    return None
 
 
 def build_spec(model: str, vae: str = FROM_MODEL, text_encoder: str = FROM_MODEL, precision: str = "bf16",
-               attention: str = "auto"):
+               attention: str = "auto", fp8_weights: str = "upcast"):
     """The pool's ModelSpec for the loader's choices; reads the model's config to fail early on a bad model."""
     eng = engine()
-    from comfyui_xdit_cogvideo.loading import read_model_info
-    from comfyui_xdit_cogvideo.pool import ModelSpec
-
     path = resolve(model, MODEL_FOLDERS)
     if path is None:
-        raise eng.ModelError(f"model {model!r} not found in models/CogVideo or models/diffusers")
+        raise eng.ModelError(f"model {model!r} not found in models/CogVideo, models/diffusers or "
+                             "models/diffusion_models")
     vae_path = None if vae == FROM_MODEL else resolve(vae, ("vae",) + MODEL_FOLDERS)
     if vae != FROM_MODEL and vae_path is None:
         raise eng.ModelError(f"vae {vae!r} not found in models/vae, models/CogVideo or models/diffusers")
@@ -195,8 +255,56 @@ def build_spec(model: str, vae: str = FROM_MODEL, text_encoder: str = FROM_MODEL
         te_path = resolve(text_encoder, ("text_encoders",) + MODEL_FOLDERS)
         if te_path is None:
             raise eng.ModelError(f"text_encoder {text_encoder!r} not found")
-    source = eng.ModelSource(path, vae=vae_path, text_encoder=te_path)
+    return spec_for_files(path, vae_path, te_path, precision, attention, fp8_weights)
+
+
+def spec_for_files(path: str, vae_path: str | None = None, te_path: str | None = None, precision: str = "bf16",
+                   attention: str = "auto", fp8_weights: str = "upcast"):
+    """ModelSpec for absolute paths. A T5 file without a tokenizer beside it uses the model folder's tokenizer,
+    else ComfyUI's own T5 tokenizer."""
+    eng = engine()
+    from comfyui_xdit_cogvideo.loading import read_model_info
+    from comfyui_xdit_cogvideo.pool import ModelSpec
+
+    tokenizer = None
+    if te_path is not None and os.path.isfile(te_path):
+        beside = os.path.join(os.path.dirname(te_path), "tokenizer")
+        own = os.path.join(path, "tokenizer") if os.path.isdir(path) else None
+        tokenizer = next((t for t in (beside, own) if t and os.path.isdir(t)), None) or comfy_t5_tokenizer()
+    source = eng.ModelSource(path, vae=vae_path, text_encoder=te_path, tokenizer=tokenizer, storage=fp8_weights)
     read_model_info(source)  # raises ModelError naming what is wrong with the files
     spec = ModelSpec(source=source, dtype=precision, attention=attention)
     spec.validate()
     return spec
+
+
+FP8_NAMES = ("float8_e4m3fn", "float8_e5m2")
+
+
+def spec_from_core_model(model, precision: str | None = None, attention: str = "auto"):
+    """Our ModelSpec for core ComfyUI's CogVideoX MODEL (UNETLoader): the workers load the same file themselves.
+
+    ComfyUI 0.33 records the file a MODEL came from (``cached_patcher_init``); patches applied to the MODEL
+    (LoRAs, model-patch nodes) cannot follow it to the workers, so they are refused rather than dropped.
+    """
+    inner = getattr(model, "model", None)
+    config = getattr(getattr(inner, "model_config", None), "unet_config", None) or {}
+    kind = config.get("image_model")
+    if kind != "cogvideox":
+        raise ValueError(f"the model input is core's {kind or type(model).__name__} MODEL, not CogVideoX; load a "
+                         "CogVideoX file with UNETLoader or use 'xDiT CogVideoX Model Loader'")
+    init = getattr(model, "cached_patcher_init", None)
+    args = init[1] if isinstance(init, tuple) and len(init) > 1 else ()
+    path = args[0] if args and isinstance(args[0], str) else None
+    if path is None or not os.path.isfile(path):
+        raise ValueError("this core MODEL does not say which file it was loaded from (it did not come from "
+                         "UNETLoader, or this ComfyUI is older than 0.33); use 'xDiT CogVideoX Model Loader'")
+    if getattr(model, "patches", None) or getattr(model, "object_patches", None):
+        raise ValueError("the core MODEL carries patches (LoRA or model-patch nodes) that the parallel workers "
+                         "cannot apply; connect UNETLoader directly, or use the xDiT loader and LoRA nodes")
+    options = args[1] if len(args) > 1 and isinstance(args[1], dict) else {}
+    storage = "fp8" if str(options.get("dtype", "")).replace("torch.", "") in FP8_NAMES else "upcast"
+    if precision is None:  # compute in the dtype core chose for this model (fp32 on CPU, bf16 on most GPUs)
+        dtype = getattr(inner, "manual_cast_dtype", None) or getattr(inner, "get_dtype", lambda: None)()
+        precision = {"float32": "fp32", "float16": "fp16"}.get(str(dtype).replace("torch.", ""), "bf16")
+    return spec_for_files(path, precision=precision, attention=attention, fp8_weights=storage)

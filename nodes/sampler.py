@@ -23,7 +23,10 @@ class Sampler(io.ComfyNode):
             description=("Samples a CogVideoX video latent on the multi-GPU worker pool (sequence and CFG parallel). "
                          "Same result as diffusers' CogVideoXPipeline for the same seed on any number of GPUs."),
             inputs=[
-                ModelType.Input("model", tooltip="From 'xDiT CogVideoX Model Loader'."),
+                io.MultiType.Input(ModelType.Input("model", tooltip=(
+                    "From 'xDiT CogVideoX Model Loader', or core's CogVideoX MODEL from 'Load Diffusion Model' "
+                    "(UNETLoader; the workers load the same file, without patches such as LoRAs).")),
+                    types=[ModelType, io.Model]),
                 io.Conditioning.Input("positive", tooltip=(
                     "Prompt embedding: from an xDiT CogVideoX Text Encode node (exactly 226 T5 tokens) or core "
                     "CONDITIONING (normalized to 226 tokens).")),
@@ -57,8 +60,8 @@ class Sampler(io.ComfyNode):
                     "centre-cropped to the video's aspect ratio. Leave empty for text-to-video models.")),
             ],
             outputs=[io.Latent.Output(display_name="samples", tooltip=(
-                "Video latent [1, C, latent frames, H/8, W/8] with the requested frame count, for "
-                "'xDiT CogVideoX Decode'."))],
+                "Video latent [1, C, latent frames, H/8, W/8] with the requested frame count, in ComfyUI's "
+                "convention (unscaled VAE latents), for 'xDiT CogVideoX Decode' or core's VAE Decode."))],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -81,8 +84,15 @@ class Sampler(io.ComfyNode):
         if error is not True:
             raise ValueError(error)
         eng = engine()
-        from comfyui_xdit_cogvideo.loading import read_model_info
+        from comfyui_xdit_cogvideo.loading import latent_scaling, read_model_info
 
+        if not hasattr(model, "source"):  # core's MODEL (UNETLoader)
+            from .models import spec_from_core_model
+
+            model = spec_from_core_model(model)
+            if image is not None:
+                raise ValueError("image-to-video needs the VAE to encode the start image, which core's MODEL does not "
+                                 "bring: use 'xDiT CogVideoX Model Loader' with the same file and the CogVideoX VAE")
         info = read_model_info(model.source)
         start = None
         if image is not None:
@@ -104,7 +114,11 @@ class Sampler(io.ComfyNode):
         latents = run_pool_job(
             lambda on_event, cancel: pool.generate(model, request, layout=layout, on_event=on_event, cancel=cancel),
             node_id=cls.hidden.unique_id, label="sample", show=("sample",))
-        samples = latents.float().permute(0, 2, 1, 3, 4).contiguous()  # diffusers [B, F, C, h, w] -> ComfyUI [B, C, F, h, w]
-        return io.NodeOutput({"samples": samples, LATENT_KEY: {
+        # diffusers [B, F, C, h, w], scaled -> ComfyUI's LATENT: [B, C, F, h, w], the VAE's raw latents (core's VAE
+        # Decode and latent nodes take it as their own; our decode scales back)
+        scale = latent_scaling(model.source)
+        latents = latents[:, latents.shape[1] - ((resolved.frames - 1) // 4 + 1):]  # CogVideoX 1.5's padding frames
+        samples = (latents.float() / scale).permute(0, 2, 1, 3, 4).contiguous()
+        return io.NodeOutput({"samples": samples, LATENT_KEY: {"scaling_factor": scale,
             "frames": resolved.frames, "height": resolved.height, "width": resolved.width,
             "variant": info.variant, "layout": str(layout) if layout else "auto"}})

@@ -2,7 +2,7 @@
 
 Two ways:
 * ``XDiTCogVideoTextEncode`` uses a CLIP from ComfyUI's own ``CLIPLoader`` (a T5-XXL file such as
-  ``t5xxl_fp16.safetensors``; type ``sd3``). diffusers tokenizes with ``max_length=226, truncation=True,
+  ``t5xxl_fp16.safetensors``; type ``sd3``, or ``cogvideox`` on a ComfyUI with native CogVideoX). diffusers tokenizes with ``max_length=226, truncation=True,
   padding="max_length"`` and runs T5 *without* an attention mask; this node does the same with ComfyUI's
   tokenizer and T5: the token list is cut to 225 tokens + EOS or padded to 226, and T5 attention masks are
   switched off for the call (CLIPLoader type ``mochi`` would otherwise mask the padding).
@@ -58,7 +58,7 @@ def encode_with_clip(clip, text: str, length: int = TEXT_TOKENS) -> tuple[torch.
     if "t5xxl" not in tokens:
         raise ValueError(
             "this CLIP has no T5-XXL tokenizer (keys: %s). Load t5xxl_fp16.safetensors (or fp8) with CLIPLoader, "
-            "type 'sd3'." % ", ".join(sorted(tokens)))
+            "type 'sd3' (or 'cogvideox')." % ", ".join(sorted(tokens)))
     tokens = dict(tokens)
     tokens["t5xxl"] = [fit_tokens(batch, length) for batch in tokens["t5xxl"][:1]]
     for key in list(tokens):
@@ -133,7 +133,7 @@ class TextEncodeCLIP(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip=(
                     "T5-XXL from CLIPLoader: models/text_encoders/t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn), "
-                    "type 'sd3'.")),
+                    "type 'sd3', or 'cogvideox' where ComfyUI has native CogVideoX.")),
                 io.String.Input("text", multiline=True, dynamic_prompts=True, default="", tooltip=(
                     "The prompt. CogVideoX was trained on long, detailed captions; only the first 225 T5 tokens "
                     "(about 170 words) are used.")),

@@ -10,16 +10,17 @@ from comfy_api.latest import io, ui
 from .common import CATEGORY, LATENT_KEY, ModelType, ParallelType, get_pool, run_pool_job
 
 
-def latents_for_pool(samples: dict) -> tuple[torch.Tensor, int | None]:
-    """LATENT dict from our sampler -> (diffusers-layout latents [B, F, C, h, w], requested frame count)."""
+def latents_for_pool(samples: dict, scale: float = 1.0) -> tuple[torch.Tensor, int | None]:
+    """LATENT dict (ours or core's: [B, C, F, h, w], unscaled) -> (diffusers' scaled latents [B, F, C, h, w],
+    requested frame count)."""
     if not isinstance(samples, dict) or "samples" not in samples:
-        raise ValueError("samples must be a LATENT from 'xDiT CogVideoX Sampler'")
+        raise ValueError("samples must be a LATENT from 'xDiT CogVideoX Sampler' or a core CogVideoX sampler")
     latents = samples["samples"]
     if latents.dim() != 5:
         raise ValueError(f"CogVideoX latents are 5-D [batch, channels, frames, height/8, width/8]; got "
                          f"{list(latents.shape)} (is this an image latent?)")
     frames = (samples.get(LATENT_KEY) or {}).get("frames")
-    return latents.permute(0, 2, 1, 3, 4).contiguous(), frames
+    return (latents.float() * scale).permute(0, 2, 1, 3, 4).contiguous(), frames
 
 
 class Decode(io.ComfyNode):
@@ -33,7 +34,9 @@ class Decode(io.ComfyNode):
                          "spreads the tiles over all ranks."),
             inputs=[
                 ModelType.Input("model", tooltip="The same model handle the sampler used (its VAE decodes)."),
-                io.Latent.Input("samples", tooltip="Latent from 'xDiT CogVideoX Sampler'."),
+                io.Latent.Input("samples", tooltip=(
+                    "Latent from 'xDiT CogVideoX Sampler', or a CogVideoX latent from core nodes (same layout and "
+                    "scaling).")),
                 io.Boolean.Input("tiled", default=True, tooltip=(
                     "Tiled decode (overlapping spatial tiles, blended as diffusers does), split over the pool's GPUs: "
                     "much less memory and faster on several GPUs. Off = one untiled decode on the first GPU.")),
@@ -46,7 +49,9 @@ class Decode(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, samples, tiled=True, parallel=None) -> io.NodeOutput:
-        latents, frames = latents_for_pool(samples)
+        from comfyui_xdit_cogvideo.loading import latent_scaling
+
+        latents, frames = latents_for_pool(samples, latent_scaling(model.source))
         pool = get_pool(parallel.devices if parallel is not None else None)
         images = run_pool_job(
             lambda on_event, cancel: pool.decode(model, latents, frames=frames, tiled=bool(tiled),

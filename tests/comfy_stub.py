@@ -152,6 +152,21 @@ def Custom(io_type: str):
     return _make_type(io_type)
 
 
+class MultiType:
+    """Like ComfyUI's: an input accepting several types; its io_type is the comma-joined list (the first input's
+    own type first), and a typed input given as ``id`` keeps its name, tooltip and optional flag."""
+
+    @staticmethod
+    def Input(id, types, display_name=None, optional=False, tooltip=None, lazy=None, extra_dict=None):
+        names = [t.io_type for t in types]
+        if isinstance(id, _Spec):
+            names.insert(0, id.io_type)
+            optional, tooltip = id.optional or optional, id.tooltip or tooltip
+            display_name, id = id.display_name or display_name, id.id
+        kwargs = {"optional": optional, "tooltip": tooltip, "display_name": display_name}
+        return _Spec(",".join(dict.fromkeys(names)), id, kwargs)
+
+
 def _io_module():
     io = types.ModuleType("comfy_api.latest.io")
     for name, io_type in (("Boolean", "BOOLEAN"), ("Int", "INT"), ("Float", "FLOAT"), ("String", "STRING"),
@@ -160,6 +175,7 @@ def _io_module():
                           ("Video", "VIDEO"), ("Audio", "AUDIO"), ("AnyType", "*")):
         setattr(io, name, _make_type(io_type))
     io.Custom, io.Schema, io.NodeOutput, io.ComfyNode = Custom, Schema, NodeOutput, ComfyNode
+    io.MultiType = MultiType
     io.Hidden, io.FolderType = Hidden, FolderType
     return io
 
@@ -259,6 +275,7 @@ def _folder_paths(base: Path):
         "text_encoders": ([str(base / "models" / "text_encoders"), str(base / "models" / "clip")], exts),
         "diffusers": ([str(base / "models" / "diffusers")], ["folder"]),
         "loras": ([str(base / "models" / "loras")], exts),
+        "diffusion_models": ([str(base / "models" / "unet"), str(base / "models" / "diffusion_models")], exts),
     }
     output = base / "output"
 

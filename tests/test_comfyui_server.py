@@ -214,8 +214,8 @@ def test_loads_as_v3_package_with_panel_and_templates(server):
     js = [e for e in extensions if "xdit_cogvideo.js" in e]
     assert js == [f"/extensions/{PACKAGE}/xdit_cogvideo.js"]  # served once (WEB_DIRECTORY only)
     assert server.request(js[0])[0] == 200
-    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == ["cogvideox_i2v", "cogvideox_t2v",
-                                                                         "cogvideox_t2v_comfy_t5", "cogvideox_t2v_lora"]
+    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == [
+        "cogvideox_i2v", "cogvideox_t2v", "cogvideox_t2v_comfy_t5", "cogvideox_t2v_core_loaders", "cogvideox_t2v_lora"]
     assert info["XDiTCogVideoLoraLoader"]["input"]["required"]["lora_name"][1]["options"] == ["tiny-2b-kohya.safetensors"]
     status, template = server.request(f"/api/workflow_templates/{PACKAGE}/cogvideox_t2v.json")
     assert status == 200 and template["nodes"]
@@ -266,6 +266,68 @@ def test_own_save_node_instead_of_core_video_nodes(server):
 def test_i2v_api_workflow_writes_the_mp4(server):
     entry = _run(server, api_workflow("cogvideox_i2v", model="tiny-5b-i2v", steps=2, prefix="video/i2v"))
     assert entry["status"]["status_str"] == "success", entry["status"]
+    (saved,) = [img for out in entry["outputs"].values() for img in out.get("images", [])]
+    assert _mp4_info(server.base / "output" / saved["subfolder"] / saved["filename"]) == ((48, 32), 9)
+
+
+def _core_compatible_files(base: Path, cache: Path) -> None:
+    """A tiny transformer core's UNETLoader can load (head dim 64, 16 latent channels; ComfyUI-native names) and a
+    full-size random CogVideoX VAE (core builds its VAE at the published size), cached between runs."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+    from safetensors.torch import save_file
+
+    from comfyui_xdit_cogvideo.formats import diffusers_to_native
+
+    cache.mkdir(parents=True, exist_ok=True)
+    transformer, vae = cache / "cogvideox_core_tiny.safetensors", cache / "cogvideox_vae_random_bf16.safetensors"
+    if not transformer.exists():
+        import torch
+
+        torch.manual_seed(0)
+        model = CogVideoXTransformer3DModel(
+            num_attention_heads=2, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=16,
+            text_embed_dim=32, num_layers=1, sample_height=4, sample_width=6, sample_frames=9,
+            use_rotary_positional_embeddings=True)
+        save_file({"model.diffusion_model." + k: v.contiguous() for k, v in
+                   diffusers_to_native(model.state_dict()).items()}, str(transformer))
+    if not vae.exists():
+        import torch
+
+        torch.manual_seed(0)
+        save_file({k: v.to(torch.bfloat16).contiguous() for k, v in AutoencoderKLCogVideoX().state_dict().items()},
+                  str(vae) + ".tmp")
+        os.replace(str(vae) + ".tmp", vae)
+    for folder, path in (("diffusion_models", transformer), ("vae", vae)):
+        (base / "models" / folder).mkdir(parents=True, exist_ok=True)
+        link = base / "models" / folder / path.name
+        if not link.exists():
+            link.symlink_to(path)
+
+
+def test_core_loaders_workflow_with_parallel_sampler(server, tiny_cache):
+    """The shipped mixed workflow: core UNETLoader -> our sampler -> core VAE Decode. Text comes from our T5 node
+    here (core's CLIPLoader would need the 9 GB T5-XXL); everything else runs as shipped."""
+    status, info = server.request("/object_info/CLIPLoader")
+    if "cogvideox" not in json.dumps(info):
+        pytest.skip("this ComfyUI has no native CogVideoX (needs 0.33 or newer); the mixed workflow cannot run")
+    _core_compatible_files(server.base, tiny_cache / "core-compatible")
+    prompt = json.loads((ROOT / "workflows" / "api" / "cogvideox_t2v_core_loaders_api.json").read_text())
+    kind = {n["class_type"]: k for k, n in prompt.items()}
+    prompt[kind["UNETLoader"]]["inputs"]["unet_name"] = "cogvideox_core_tiny.safetensors"
+    prompt[kind["VAELoader"]]["inputs"]["vae_name"] = "cogvideox_vae_random_bf16.safetensors"
+    for key in [k for k, n in prompt.items() if n["class_type"] in ("CLIPLoader", "CLIPTextEncode")]:
+        del prompt[key]
+    prompt["90"] = {"class_type": "XDiTCogVideoModelLoader", "inputs": {
+        "model": "tiny-2b", "vae": "(from model folder)", "text_encoder": "(from model folder)", "precision": "fp32",
+        "attention": "auto"}}
+    prompt["91"] = {"class_type": "XDiTCogVideoTextEncodeModelT5", "inputs": {
+        "model": ["90", 0], "prompt": "a red fox", "negative_prompt": "",
+        "parallel": [kind["XDiTCogVideoParallelConfig"], 0]}}
+    sampler = prompt[kind["XDiTCogVideoSampler"]]["inputs"]
+    sampler.update(width=48, height=32, frames=9, steps=2, positive=["91", 0], negative=["91", 1])
+    prompt[kind["SaveVideo"]]["inputs"]["filename_prefix"] = "video/core_loaders"
+    entry = _run(server, prompt)
+    assert entry["status"]["status_str"] == "success", (entry["status"], server.log()[-3000:])
     (saved,) = [img for out in entry["outputs"].values() for img in out.get("images", [])]
     assert _mp4_info(server.base / "output" / saved["subfolder"] / saved["filename"]) == ((48, 32), 9)
 
@@ -352,7 +414,14 @@ config = os.path.join(sys.argv[3], "t5_tiny.json")
 json.dump({"d_ff": 64, "d_kv": 8, "d_model": 32, "num_heads": 4, "num_layers": 2, "dense_act_fn": "gelu_pytorch_tanh",
            "is_gated_act": True, "model_type": "t5", "vocab_size": 32128}, open(config, "w"))
 pipe = CogVideoXPipeline(tokenizer=hf, text_encoder=hf_model, vae=None, transformer=None, scheduler=None)
-for mask in (True, False):  # True = CLIPLoader type mochi (masks padding), False = type sd3
+mochi = comfy.text_encoders.genmo.MochiT5Tokenizer
+cases = [("True", True, mochi), ("False", False, mochi)]
+try:  # ComfyUI with native CogVideoX: CLIPLoader type cogvideox (226-token padding, no mask)
+    import comfy.text_encoders.cogvideo
+    cases.append(("cogvideox", False, comfy.text_encoders.cogvideo.CogVideoXTokenizer))
+except ImportError:
+    pass
+for label, mask, tokenizer_class in cases:  # True = CLIPLoader type mochi (masks padding), False = type sd3
     class T5Model(sd1_clip.SDClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}, **kw):
             super().__init__(device=device, textmodel_json_config=config, dtype=dtype, special_tokens={"end": 1, "pad": 0},
@@ -361,16 +430,16 @@ for mask in (True, False):  # True = CLIPLoader type mochi (masks padding), Fals
     class Clip(sd1_clip.SD1ClipModel):
         def __init__(self, device="cpu", dtype=None, model_options={}):
             super().__init__(device=device, dtype=dtype, name="t5xxl", clip_model=T5Model, model_options=model_options)
-    target = comfy.supported_models_base.ClipTarget(comfy.text_encoders.genmo.MochiT5Tokenizer, Clip)
+    target = comfy.supported_models_base.ClipTarget(tokenizer_class, Clip)
     clip = comfy.sd.CLIP(target, model_options={"dtype": torch.float32})
     missing, _ = clip.load_sd({k: v.float() for k, v in hf_model.state_dict().items()})
     assert not missing, missing
     for p in prompts:
         want = pipe._get_t5_prompt_embeds(p, max_sequence_length=226, device=torch.device("cpu"), dtype=torch.float32)
         ours, _ = text.encode_with_clip(clip, p)
-        out.setdefault(f"node_mask{mask}", []).append(float((ours - want).abs().max()))
+        out.setdefault(f"node_mask{label}", []).append(float((ours - want).abs().max()))
         plain = clip.encode_from_tokens(clip.tokenize(p, tokenizer_options={"t5xxl_min_length": 226}), return_dict=True)["cond"]
-        out.setdefault(f"plain_mask{mask}", []).append(float((plain - want).abs().max()) if plain.shape == want.shape else None)
+        out.setdefault(f"plain_mask{label}", []).append(float((plain - want).abs().max()) if plain.shape == want.shape else None)
 print("RESULT " + json.dumps(out))
 """
 
@@ -388,3 +457,72 @@ def test_comfy_clip_text_encode_equals_diffusers(tmp_path):
     # plain ComfyUI encodes differ: masked padding (type mochi), or no truncation for long prompts
     assert max(x for x in result["plain_maskTrue"] if x is not None) > 0.1
     assert result["plain_maskFalse"][-1] is None
+    if "node_maskcogvideox" in result:  # CLIPLoader type cogvideox: our node, and core's own encode up to 225 tokens
+        assert max(result["node_maskcogvideox"]) < 1e-4
+        assert max(result["plain_maskcogvideox"][:3]) < 1e-4 and result["plain_maskcogvideox"][-1] is None
+
+
+NATIVE_CHECK = r"""import json, os, sys
+COMFY, ROOT = sys.argv[1], sys.argv[2]
+sys.path.insert(0, COMFY)
+sys.path.insert(0, ROOT)
+from comfy.cli_args import args
+args.cpu = True
+import torch
+import comfy.ops
+from comfy.ldm.cogvideo.model import CogVideoXTransformer3DModel as Native
+from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel
+from comfyui_xdit_cogvideo.formats import diffusers_to_native
+from comfyui_xdit_cogvideo.tiny import _transformer_config
+
+out = {}
+for variant in ("2b", "5b", "5b-i2v", "1.5", "1.5-i2v"):
+    config = dict(_transformer_config(variant), attention_head_dim=64, num_attention_heads=3)
+    torch.manual_seed(0)
+    ref = CogVideoXTransformer3DModel(**config).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.05)
+    native_config = {k: v for k, v in config.items() if k in Native.__init__.__code__.co_varnames}
+    native = Native(**native_config, operations=comfy.ops.disable_weight_init, dtype=torch.float32).eval()
+    missing, unexpected = native.load_state_dict(diffusers_to_native(ref.state_dict()), strict=False)
+    g = torch.Generator().manual_seed(1)
+    frames = 4 if variant.startswith("1.5") else 3
+    x = torch.randn(1, frames, config["in_channels"], 4, 6, generator=g)
+    ctx = torch.randn(1, 226, config["text_embed_dim"], generator=g)
+    t = torch.tensor([500.0])
+    ofs = torch.tensor([2.0]) if config.get("ofs_embed_dim") else None
+    rope = None
+    if config["use_rotary_positional_embeddings"]:
+        pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=ref, scheduler=None)
+        rope = pipe._prepare_rotary_positional_embeddings(32, 48, frames, torch.device("cpu"))
+    with torch.no_grad():
+        want = ref(hidden_states=x, encoder_hidden_states=ctx, timestep=t, ofs=ofs, image_rotary_emb=rope,
+                   return_dict=False)[0]
+        got = native(x.permute(0, 2, 1, 3, 4), t, ctx, ofs=ofs).permute(0, 2, 1, 3, 4)
+    out[variant] = {"missing": list(missing), "unexpected": list(unexpected),
+                    "native_keys": sorted(native.state_dict()) == sorted(diffusers_to_native(ref.state_dict())),
+                    "max_diff": float((got - want).abs().max()), "scale": float(want.abs().max())}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_name_table_matches_core_cogvideox_model(tmp_path):
+    """Our native <-> diffusers table against core's own CogVideoX module (ComfyUI with native CogVideoX): same
+    keys for every variant, and core's forward on the renamed weights equals diffusers'."""
+    run = subprocess.run([COMFYUI_PYTHON, "-c", NATIVE_CHECK, COMFYUI_DIR, str(ROOT)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path, env=dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT)))
+    if "No module named 'comfy.ldm.cogvideo'" in run.stderr:
+        pytest.skip("this ComfyUI has no native CogVideoX (needs 0.33 or newer)")
+    lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-4000:]
+    result = json.loads(lines[-1][7:])
+    assert set(result) == {"2b", "5b", "5b-i2v", "1.5", "1.5-i2v"}
+    for variant, r in result.items():
+        assert r["missing"] == [] and r["unexpected"] == [] and r["native_keys"], (variant, r)
+        if variant != "2b":
+            assert r["max_diff"] < 1e-5 * max(1.0, r["scale"]), (variant, r)
+    # Core 0.33.0 splits the 2b's sin-cos positions 2/3 spatial : 1/3 temporal, diffusers (and THUDM) 3/4 : 1/4, so
+    # core's native 2b differs from diffusers (README says so); when this fails, core changed: update the README.
+    assert result["2b"]["max_diff"] > 1e-3, result["2b"]
+

@@ -23,6 +23,26 @@ from comfy_stub import ROOT, comfy_stubs, run_node
 DEVICES = "cpu:1"
 
 
+def _core_folders(base, tiny_path):
+    """Files as core ComfyUI keeps them: a native-name transformer and a Flux file in diffusion_models, a T5 file
+    (with a tokenizer beside it) in text_encoders."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_xdit_cogvideo.formats import diffusers_to_native
+
+    models = base / "models"
+    (models / "diffusion_models").mkdir(parents=True)
+    folder = tiny_path("5b")
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    save_file({"model.diffusion_model." + k: v for k, v in diffusers_to_native(state).items()},
+              str(models / "diffusion_models" / "cogvideox_native.safetensors"))
+    shutil.copyfile(folder / "transformer" / "config.json", models / "diffusion_models" / "cogvideox_native.json")
+    save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2)},
+              str(models / "diffusion_models" / "flux.safetensors"))
+    shutil.copyfile(folder / "text_encoder" / "model.safetensors", models / "text_encoders" / "t5xxl_tiny.safetensors")
+    (models / "text_encoders" / "tokenizer").symlink_to(folder / "tokenizer", target_is_directory=True)
+
+
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory, tiny_path):
     base = tmp_path_factory.mktemp("comfy")
@@ -36,7 +56,9 @@ def comfy(tmp_path_factory, tiny_path):
     weights = tiny_path("2b") / "transformer" / "diffusion_pytorch_model.safetensors"
     shutil.copyfile(weights, cog / "single-2b.safetensors")
     shutil.copyfile(weights.with_name("config.json"), cog / "single-2b.json")
-    (cog / "my_vae.safetensors").write_bytes(b"")  # listed as a VAE, not as a model
+    shutil.copyfile(tiny_path("2b") / "vae" / "diffusion_pytorch_model.safetensors", cog / "my_vae.safetensors")
+    (cog / "my_vae.json").write_text('{"norm_num_groups": 4}')  # listed as a VAE, not as a model
+    _core_folders(base, tiny_path)
     (cog / "broken").mkdir()
     (cog / "broken" / "transformer").mkdir()  # a diffusers folder without config/weights
     with comfy_stubs(base) as c:
@@ -148,7 +170,19 @@ def test_attention_choices_match_engine(comfy):
 # ---- model loader -------------------------------------------------------------------------------------------------
 def test_model_lists(comfy):
     models = sys.modules[comfy.pkg.__name__ + ".nodes.models"]
-    assert models.list_models() == ["broken", "nested/tiny-5b-i2v", "single-2b.safetensors", "tiny-2b", "tiny-5b"]
+    assert models.list_models() == ["broken", "nested/tiny-5b-i2v", "single-2b.safetensors", "tiny-2b", "tiny-5b",
+                                    "cogvideox_native.safetensors"]  # not flux.safetensors
+    assert "t5xxl_tiny.safetensors" in models.list_text_encoders()
+    extra = comfy.base / "elsewhere" / "unet"  # an extra_model_paths.yaml entry for diffusion_models
+    extra.mkdir(parents=True)
+    shutil.copyfile(comfy.base / "models" / "diffusion_models" / "cogvideox_native.safetensors",
+                    extra / "other.safetensors")
+    comfy.folder_paths.add_model_folder_path("diffusion_models", str(extra))
+    try:
+        assert models.list_models()[-1] == "other.safetensors"
+        assert models.resolve("other.safetensors", models.MODEL_FOLDERS) == str(extra / "other.safetensors")
+    finally:
+        comfy.folder_paths.folder_names_and_paths["diffusion_models"][0].remove(str(extra))
     vaes = models.list_vaes()
     assert vaes[0] == "(from model folder)" and "my_vae.safetensors" in vaes and "tiny-2b/vae" in vaes
     assert "tiny-2b/text_encoder" in models.list_text_encoders()
@@ -173,6 +207,67 @@ def test_loader_validation_and_errors(comfy):
                          precision="bf16", attention="auto").args
     assert single.source.path.endswith("single-2b.safetensors") and single.source.vae.endswith("vae")
     assert single.dtype == "bf16"
+
+
+def test_core_folder_files_load_through_the_pool(comfy, parallel, tiny_path):
+    """A native-name file from diffusion_models with a T5 file from text_encoders: same embeddings as the folder's
+    T5, and the MODEL of core's UNETLoader (its file) gives the same spec."""
+    from comfyui_xdit_cogvideo import CogVideoEngine
+
+    loader = comfy.by_id["XDiTCogVideoModelLoader"]
+    (spec,) = run_node(loader, model="cogvideox_native.safetensors", vae="(from model folder)",
+                       text_encoder="t5xxl_tiny.safetensors", precision="fp32", attention="auto",
+                       fp8_weights="upcast").args
+    assert spec.source.tokenizer == str(comfy.base / "models" / "text_encoders" / "tokenizer")
+    positive, negative = run_node(comfy.by_id["XDiTCogVideoTextEncodeModelT5"], model=spec, prompt="a cat",
+                                  negative_prompt="", parallel=parallel).args
+    want, _ = CogVideoEngine(str(tiny_path("5b")), dtype="fp32").encode_prompt("a cat", "")
+    assert torch.equal(positive[0][0], want.float())
+    models = sys.modules[comfy.pkg.__name__ + ".nodes.models"]
+    path = str(comfy.base / "models" / "diffusion_models" / "cogvideox_native.safetensors")
+    core = types.SimpleNamespace(model=types.SimpleNamespace(model_config=types.SimpleNamespace(
+        unet_config={"image_model": "cogvideox"})), patches={}, object_patches={},
+        cached_patcher_init=(None, (path, {"dtype": torch.float8_e4m3fn})))
+    converted = models.spec_from_core_model(core, precision="fp32")
+    assert (converted.source.path, converted.source.storage, converted.dtype) == (path, "fp8", "fp32")
+    with pytest.raises(ValueError, match="carries patches"):
+        models.spec_from_core_model(types.SimpleNamespace(**{**vars(core), "patches": {"x": 1}}))
+    with pytest.raises(ValueError, match="core's flux MODEL, not CogVideoX"):
+        models.spec_from_core_model(types.SimpleNamespace(**{**vars(core), "model": types.SimpleNamespace(
+            model_config=types.SimpleNamespace(unet_config={"image_model": "flux"}))}))
+    with pytest.raises(ValueError, match="which file"):
+        models.spec_from_core_model(types.SimpleNamespace(**{**vars(core), "cached_patcher_init": None}))
+
+
+def test_sampler_takes_core_model_and_decode_takes_core_latents(comfy, embeds, parallel, tiny_path):
+    """Core's UNETLoader MODEL (its file, fp32 as core picks on CPU) samples what the folder samples; a bare core
+    LATENT (no extra keys) decodes like ours."""
+    from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest
+
+    path = str(comfy.base / "models" / "diffusion_models" / "cogvideox_native.safetensors")
+    core = types.SimpleNamespace(model=types.SimpleNamespace(
+        model_config=types.SimpleNamespace(unet_config={"image_model": "cogvideox"}),
+        manual_cast_dtype=None, get_dtype=lambda: torch.float32), patches={}, object_patches={},
+        cached_patcher_init=(None, (path, {})))
+    (latent,) = run_node(comfy.by_id["XDiTCogVideoSampler"], "11", model=core, positive=embeds[0], negative=embeds[1],
+                         width=48, height=32, frames=9, steps=2, guidance=6.0, dynamic_cfg=False, seed=4,
+                         scheduler="default", parallel=parallel).args
+    request = GenerationRequest(prompt_embeds=embeds[0][0][0], negative_prompt_embeds=embeds[1][0][0], frames=9,
+                                height=32, width=48, steps=2, guidance=6.0, seed=4)
+    want = CogVideoEngine(str(tiny_path("5b")), dtype="fp32").generate(request)
+    scale = latent["xdit_cogvideo"]["scaling_factor"]
+    torch.testing.assert_close(latent["samples"], want.float().permute(0, 2, 1, 3, 4) / scale, rtol=1e-4, atol=1e-5)
+    (spec,) = run_node(comfy.by_id["XDiTCogVideoModelLoader"], model="tiny-5b", vae="(from model folder)",
+                       text_encoder="(from model folder)", precision="fp32", attention="auto").args
+    decode = comfy.by_id["XDiTCogVideoDecode"]
+    (ours,) = run_node(decode, "12", model=spec, samples=latent, tiled=False, parallel=parallel).args
+    (bare,) = run_node(decode, "13", model=spec, samples={"samples": latent["samples"].clone()}, tiled=False,
+                       parallel=parallel).args
+    assert ours.shape == (9, 32, 48, 3) and torch.equal(ours, bare)
+    with pytest.raises(ValueError, match="image-to-video needs the VAE"):
+        run_node(comfy.by_id["XDiTCogVideoSampler"], "14", model=core, positive=embeds[0], negative=embeds[1],
+                 width=48, height=32, frames=9, steps=2, guidance=6.0, dynamic_cfg=False, seed=4,
+                 scheduler="default", parallel=parallel, image=torch.rand(1, 32, 48, 3))
 
 
 def test_loader_output_is_a_pool_model_spec(comfy, spec):
@@ -299,7 +394,10 @@ def test_sampler_decode_save_end_to_end(comfy, spec, embeds, parallel):
     request = GenerationRequest(prompt_embeds=embeds[0][0][0], negative_prompt_embeds=embeds[1][0][0], frames=9,
                                 height=32, width=48, steps=3, guidance=6.0, seed=1)
     want = CogVideoEngine(spec.source, dtype="fp32").generate(request)
-    torch.testing.assert_close(samples, want.float().permute(0, 2, 1, 3, 4), rtol=1e-4, atol=1e-5)
+    scale = latent["xdit_cogvideo"]["scaling_factor"]
+    assert scale == json.loads((spec.source.resolve().vae / "config.json").read_text())["scaling_factor"]
+    # ComfyUI's convention (core VAE Decode takes it): the VAE's raw latents, diffusers' divided by the scaling
+    torch.testing.assert_close(samples, want.float().permute(0, 2, 1, 3, 4) / scale, rtol=1e-4, atol=1e-5)
 
     (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled=True,
                          parallel=parallel).args

@@ -26,12 +26,16 @@ SOCKETS = {
     "XDiTCogVideoTextEncodeModelT5": ([("model", "XDIT_COGVIDEO_MODEL", False),
                                        ("parallel", "XDIT_COGVIDEO_PARALLEL", True)],
                                       [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
-    "XDiTCogVideoSampler": ([("model", "XDIT_COGVIDEO_MODEL", False), ("positive", "CONDITIONING", False),
+    "XDiTCogVideoSampler": ([("model", "XDIT_COGVIDEO_MODEL,MODEL", False), ("positive", "CONDITIONING", False),
                              ("negative", "CONDITIONING", False), ("parallel", "XDIT_COGVIDEO_PARALLEL", True),
                              ("image", "IMAGE", True)], [("samples", "LATENT")]),
     "XDiTCogVideoDecode": ([("model", "XDIT_COGVIDEO_MODEL", False), ("samples", "LATENT", False),
                             ("parallel", "XDIT_COGVIDEO_PARALLEL", True)], [("images", "IMAGE")]),
     "CLIPLoader": ([], [("CLIP", "CLIP")]),
+    "CLIPTextEncode": ([("clip", "CLIP", False)], [("CONDITIONING", "CONDITIONING")]),
+    "UNETLoader": ([], [("MODEL", "MODEL")]),
+    "VAELoader": ([], [("VAE", "VAE")]),
+    "VAEDecode": ([("samples", "LATENT", False), ("vae", "VAE", False)], [("IMAGE", "IMAGE")]),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "CreateVideo": ([("images", "IMAGE", False), ("audio", "AUDIO", True)], [("VIDEO", "VIDEO")]),
     "SaveVideo": ([("video", "VIDEO", False)], []),
@@ -40,7 +44,7 @@ SOCKETS = {
 
 # Widget values in schema order (UI widgets_values); "seed" is followed by its control_after_generate value.
 WIDGETS = {
-    "XDiTCogVideoModelLoader": ["model", "vae", "text_encoder", "precision", "attention"],
+    "XDiTCogVideoModelLoader": ["model", "vae", "text_encoder", "precision", "attention", "fp8_weights"],
     "XDiTCogVideoParallelConfig": ["devices", "cfg", "ulysses", "ring", "memory"],
     "XDiTCogVideoLoraLoader": ["lora_name", "strength_model"],
     "XDiTCogVideoTextEncode": ["text"],
@@ -48,6 +52,10 @@ WIDGETS = {
     "XDiTCogVideoSampler": ["width", "height", "frames", "steps", "guidance", "dynamic_cfg", "seed", "scheduler"],
     "XDiTCogVideoDecode": ["tiled"],
     "CLIPLoader": ["clip_name", "type", "device"],
+    "CLIPTextEncode": ["text"],
+    "UNETLoader": ["unet_name", "weight_dtype"],
+    "VAELoader": ["vae_name"],
+    "VAEDecode": [],
     "LoadImage": ["image"],
     "CreateVideo": ["fps"],
     "SaveVideo": ["filename_prefix", "format", "codec"],
@@ -59,7 +67,8 @@ DISPLAY = {
     "XDiTCogVideoTextEncode": "xDiT CogVideoX Text Encode (CLIP)", "XDiTCogVideoLoraLoader": "xDiT CogVideoX LoRA",
     "XDiTCogVideoTextEncodeModelT5": "xDiT CogVideoX Text Encode (Model T5)", "XDiTCogVideoSampler": "xDiT CogVideoX Sampler",
     "XDiTCogVideoDecode": "xDiT CogVideoX Decode", "CLIPLoader": "Load CLIP", "LoadImage": "Load Image",
-    "CreateVideo": "Create Video", "SaveVideo": "Save Video",
+    "CreateVideo": "Create Video", "SaveVideo": "Save Video", "CLIPTextEncode": "CLIP Text Encode (Prompt)",
+    "UNETLoader": "Load Diffusion Model", "VAELoader": "Load VAE", "VAEDecode": "VAE Decode",
 }
 
 PROMPT = ("A golden retriever runs along a sunny beach at sunset, waves rolling in behind it, its fur blowing in "
@@ -128,6 +137,25 @@ CogVideoX-Fun) and ComfyUI-format LoRAs, DoRA included. Every GPU merges the LoR
 changing LoRAs or strengths later does not reload the model.
 """ + NOTE_COMMON
 
+CORE_NOTE = """## xDiT CogVideoX — core ComfyUI loaders, parallel sampler
+
+A native ComfyUI CogVideoX workflow with one node replaced: *xDiT CogVideoX Sampler* instead of KSampler. It
+needs a ComfyUI with native CogVideoX (0.33 or newer: `CLIPLoader` type `cogvideox`, CogVideoX in *Load
+Diffusion Model* and *Load VAE*).
+
+**Files** (the ones core reads; nothing is duplicated):
+- `models/diffusion_models/`: a CogVideoX transformer file, ComfyUI-native or diffusers names, bf16 or fp8
+  (e.g. Comfy-Org's native files, Kijai's `CogVideoX_1_5_5b_T2V_bf16.safetensors`).
+- `models/text_encoders/`: `t5xxl_fp16.safetensors` (or `t5xxl_fp8_e4m3fn[_scaled]`), loaded with type `cogvideox`.
+- `models/vae/`: `cogvideox_vae_bf16.safetensors`.
+
+The pool's workers load the transformer file themselves (the MODEL tells them which file); LoRAs or other patches
+on the MODEL cannot follow (use the xDiT loader and LoRA nodes). The sampler's LATENT is ComfyUI's own, so core's
+*VAE Decode* (or xDiT CogVideoX Decode, parallel and tiled) decodes it. Diffusers folders go in
+`models/CogVideo/` for the *xDiT CogVideoX Model Loader* instead. Prompts over 225 T5 tokens are cut to 226 tokens
+(diffusers cuts the tokens; core does not), so long prompts differ slightly from diffusers.
+""" + NOTE_COMMON
+
 
 class Graph:
     def __init__(self, name: str):
@@ -190,7 +218,8 @@ def t2v(model_t5: bool = True, lora: bool = False) -> Graph:
     note = LORA_NOTE if lora else T2V_NOTE if model_t5 else T2V_T5_NOTE
     g.add("MarkdownNote", (0, 0), (430, 640), title="Read me: model files", text=note)
     loader = g.add("XDiTCogVideoModelLoader", (460, 0), (360, 200), model="CogVideoX-5b" if lora else "CogVideoX-2b",
-                   vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
+                   vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto",
+                   fp8_weights="upcast")
     parallel = g.add("XDiTCogVideoParallelConfig", (460, 240), (360, 160), devices="auto", cfg="auto",
                      ulysses="auto", ring="auto", memory="auto")
     if lora:
@@ -235,7 +264,7 @@ def i2v() -> Graph:
     g = Graph("cogvideox_i2v")
     g.add("MarkdownNote", (0, 0), (430, 640), title="Read me: model files", text=I2V_NOTE)
     loader = g.add("XDiTCogVideoModelLoader", (460, 0), (360, 200), model="CogVideoX-5b-I2V",
-                   vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto")
+                   vae="(from model folder)", text_encoder="(from model folder)", precision="bf16", attention="auto", fp8_weights="upcast")
     parallel = g.add("XDiTCogVideoParallelConfig", (460, 240), (360, 160), devices="auto", cfg="auto",
                      ulysses="auto", ring="auto", memory="auto")
     image = g.add("LoadImage", (460, 440), (360, 360), title="Start frame", image="example.png")
@@ -262,12 +291,48 @@ def i2v() -> Graph:
     return g
 
 
+def core_loaders() -> Graph:
+    """Core loaders and text encode, our parallel sampler, core VAE Decode (ComfyUI with native CogVideoX)."""
+    g = Graph("cogvideox_t2v_core_loaders")
+    g.add("MarkdownNote", (0, 0), (430, 700), title="Read me: core loaders", text=CORE_NOTE)
+    unet = g.add("UNETLoader", (460, 0), (360, 90), unet_name="CogVideoX_5b_bf16.safetensors",
+                 weight_dtype="default")
+    clip = g.add("CLIPLoader", (460, 130), (360, 110), clip_name="t5xxl_fp16.safetensors", type="cogvideox",
+                 device="default")
+    vae = g.add("VAELoader", (460, 280), (360, 60), vae_name="cogvideox_vae_bf16.safetensors")
+    parallel = g.add("XDiTCogVideoParallelConfig", (460, 380), (360, 160), devices="auto", cfg="auto",
+                     ulysses="auto", ring="auto", memory="auto")
+    positive = g.add("CLIPTextEncode", (850, 0), (400, 220), title="Positive prompt", text=PROMPT)
+    negative = g.add("CLIPTextEncode", (850, 250), (400, 140), title="Negative prompt", text="")
+    g.link(clip, "CLIP", positive, "clip")
+    g.link(clip, "CLIP", negative, "clip")
+    sampler = g.add("XDiTCogVideoSampler", (1280, 0), (330, 450), width=720, height=480, frames=49, steps=50,
+                    guidance=6.0, dynamic_cfg=True, seed=42, scheduler="default")
+    g.link(unet, "MODEL", sampler, "model")
+    g.link(positive, "CONDITIONING", sampler, "positive")
+    g.link(negative, "CONDITIONING", sampler, "negative")
+    g.link(parallel, "parallel", sampler, "parallel")
+    decode = g.add("VAEDecode", (850, 430), (400, 50))
+    g.link(sampler, "samples", decode, "samples")
+    g.link(vae, "VAE", decode, "vae")
+    video = g.add("CreateVideo", (850, 520), (400, 80), fps=8.0)
+    g.link(decode, "IMAGE", video, "images")
+    save = g.add("SaveVideo", (1280, 500), (330, 380), filename_prefix="video/CogVideoX-core", format="auto",
+                 codec="auto")
+    g.link(video, "VIDEO", save, "video")
+    return g
+
+
+def graphs() -> list[Graph]:
+    return [t2v(True), i2v(), t2v(False), t2v(True, lora=True), core_loaders()]
+
+
 def main() -> None:
     (HERE / "ui").mkdir(exist_ok=True)
     (HERE / "api").mkdir(exist_ok=True)
     examples = ROOT / "example_workflows"
     examples.mkdir(exist_ok=True)
-    for graph in (t2v(True), i2v(), t2v(False), t2v(True, lora=True)):
+    for graph in graphs():
         ui_path = HERE / "ui" / f"{graph.name}.json"
         ui_path.write_text(json.dumps(graph.ui(), indent=2) + "\n")
         (HERE / "api" / f"{graph.name}_api.json").write_text(json.dumps(graph.api, indent=2) + "\n")

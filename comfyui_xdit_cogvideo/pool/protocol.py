@@ -240,7 +240,7 @@ class ModelSpec:
 
     def wire(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
-        out.update(path=self.source.path, vae=self.source.vae, text_encoder=self.source.text_encoder,
+        out.update(self.source.wire(),
                    loras=[lora.wire() for lora in self.loras])  # plain lists: the channel unpickles no classes
         return out
 
@@ -249,13 +249,14 @@ class ModelSpec:
         from ..loading import ModelSource
 
         names = {f.name for f in dataclasses.fields(cls)} - {"source"}
-        source = ModelSource(wire["path"], vae=wire.get("vae"), text_encoder=wire.get("text_encoder"))
+        source = ModelSource.from_wire(wire)
         return cls(source, **{k: v for k, v in wire.items() if k in names})
 
     @property
     def weights_key(self) -> tuple:
         """What decides whether resident weights can be reused (attention only rebinds)."""
-        return (self.source.path, self.source.vae, self.source.text_encoder, self.dtype)
+        return (self.source.path, self.source.vae, self.source.text_encoder, self.source.tokenizer,
+                self.source.storage, self.dtype)
 
 
 @dataclass

@@ -155,8 +155,8 @@ class Worker:
         model = layout = None
         engine, key = self.engine, self.engine_key  # read once: a job thread may swap them meanwhile
         if engine is not None and key is not None:
-            path, vae, text_encoder, dtype = key[:4]
-            model = {"path": path, "vae": vae, "text_encoder": text_encoder, "dtype": dtype,
+            path, vae, text_encoder, _, storage, dtype = key[:-2]
+            model = {"path": path, "vae": vae, "text_encoder": text_encoder, "storage": storage, "dtype": dtype,
                      "attention": self.attention, "variant": engine.info.variant, "loras": engine.loras,
                      "memory": engine.memory.describe()}
             lay = engine.groups.layout
@@ -184,10 +184,10 @@ class Worker:
 
         base = spec.weights_key
         if plan is None:
-            if self.engine is not None and self.engine_key[:4] == base:
+            if self.engine is not None and self.engine_key[:-2] == base:
                 return self.engine
             plan = MemoryPlan.default("low" if spec.memory == "auto" else spec.memory)
-        key = base + (plan.name, plan.shard)
+        key = base + (plan.name, plan.shard)  # the weights' key, then the memory plan's two fields
         if self.engine is not None and self.engine_key == key:
             self.engine.set_memory_plan(plan)
             return self.engine
@@ -222,7 +222,7 @@ class Worker:
         key = spec.weights_key
         if self.vae is not None and self.vae_key == key:
             return self.vae
-        same = self.engine is not None and self.engine_key[:4] == key
+        same = self.engine is not None and self.engine_key[:-2] == key
         if same and self.engine.loaded_vae is not None:
             self.vae, self.vae_key = self.engine.loaded_vae, key
             return self.vae
@@ -231,7 +231,7 @@ class Worker:
         vae = load_vae(spec.source.resolve(), parse_dtype(spec.dtype), self.device, read_model_info(spec.source))
         self.vae, self.vae_key = vae, key
         self.vae_loads += 1
-        if self.engine is not None and self.engine_key[:4] == key and self.engine.loaded_vae is None:
+        if self.engine is not None and self.engine_key[:-2] == key and self.engine.loaded_vae is None:
             self.engine.attach_vae(vae)
         return vae
 
