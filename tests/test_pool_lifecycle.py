@@ -234,3 +234,29 @@ def test_crash_output_leaves_warnings_out():
              '  File "w.py", line 3, in <module>',
              "RuntimeError: CUDA error: an illegal memory access was encountered"]
     assert error_lines(lines) == "\n".join(lines[3:])
+
+
+def test_a_failed_monitor_stops_the_pool_and_the_next_job_restarts_it(tiny_cache, monkeypatch):
+    from comfyui_xdit_cogvideo import GenerationRequest
+    from comfyui_xdit_cogvideo.pool import ModelSpec, WorkerPool, controller
+
+    real = controller.WorkerPool._watch
+
+    def broken(self, generation):
+        raise RuntimeError("monitor bug")
+
+    monkeypatch.setattr(controller.WorkerPool, "_watch", broken)
+    pool = WorkerPool("cpu:1", echo_output=False).start()
+    first = [r["pid"] for r in pool.status()["ranks"]]
+    deadline = time.monotonic() + 30
+    while pool.status()["state"] != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = pool.status()
+    assert status["state"] == "stopped" and "monitor failed (RuntimeError: monitor bug)" in status["last_error"]
+    assert _wait_gone(first, 10) == []
+    monkeypatch.setattr(controller.WorkerPool, "_watch", real)
+    embeds = torch.zeros(1, 226, 32)
+    pool.generate(ModelSpec("tiny", "fp32"), GenerationRequest(prompt_embeds=embeds, negative_prompt_embeds=embeds,
+                                                               steps=1))
+    assert pool.status()["starts"] == 2 and pool.status()["state"] == "idle"
+    pool.shutdown()
