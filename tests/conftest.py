@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import pytest
 
-_CACHE = Path(os.environ.get("XDIT_COGVIDEO_TEST_CACHE") or Path(tempfile.gettempdir()) / "xdit-cogvideo-test-cache")
+# The user's own cache folder, not a predictable name in a shared /tmp (another user could plant models there).
+_CACHE = Path(os.environ.get("XDIT_COGVIDEO_TEST_CACHE")
+              or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xdit-cogvideo-test-cache")
 os.environ["XDIT_COGVIDEO_CACHE"] = str(_CACHE)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -117,19 +117,21 @@ def run_fault(pool: WorkerPool, kind: str) -> Outcome:
         pool.inject_fault(0, "raise", step=2)
         pool.inject_fault(1, "raise", step=2)
     elif kind == "cancel":
-        def cancel():
+        def after_two_steps():
             if len(events) >= 2:
                 marks.setdefault("fault", time.monotonic())
                 return True
             return False
+        cancel = after_two_steps
     elif kind == "cancel_stuck":
         pool.inject_fault(1, "hang", step=2)
 
-        def cancel():  # pressed a second after the last step, while rank 1 is stuck
+        def while_stuck():  # pressed a second after the last step, while rank 1 is stuck
             if "last_event" in marks and time.monotonic() - marks["last_event"] > 1.0:
                 marks.setdefault("fault", time.monotonic())
                 return True
             return False
+        cancel = while_stuck
     elif kind == "bad_layout":
         layout = Layout(1, 4, 1)  # 4 does not divide tiny's 6 heads, and the pool has 2 ranks
     else:
@@ -155,12 +157,12 @@ def run_fault(pool: WorkerPool, kind: str) -> Outcome:
         next_ok = False
     if not kept:
         kept = pids(pool) == before
-    return Outcome(kind, ended - origin, f"{type(error).__name__}: {str(error).splitlines()[0]}", kept, orphans,
-                   next_ok)
+    return Outcome(kind, ended - origin, f"{type(error).__name__}: {error}", kept, orphans, next_ok)
 
 
 def check(outcome: Outcome) -> None:
     assert outcome.next_ok, f"{outcome.kind}: the next job failed"
+    assert "Warning" not in outcome.error, f"{outcome.kind}: unrelated output in the error: {outcome.error}"
     assert outcome.orphans == [], f"{outcome.kind}: processes of the old pool still alive: {outcome.orphans}"
     assert outcome.kept == (outcome.kind in KEEPS_POOL), \
         f"{outcome.kind}: warm pool {'kept' if outcome.kept else 'restarted'}, expected the opposite"
@@ -194,7 +196,7 @@ def main() -> int:
                     print(f"FAIL {error}", flush=True)
                     continue
                 outcomes.append(outcome)
-                print(f"{round_ + 1:3d} {kind:12s} {outcome.seconds:6.2f} s  {outcome.error[:90]}", flush=True)
+                print(f"{round_ + 1:3d} {kind:12s} {outcome.seconds:6.2f} s  {outcome.error.splitlines()[0][:90]}", flush=True)
     finally:
         all_pids.update(r["pid"] for r in pool.status()["ranks"])
         pool.shutdown()

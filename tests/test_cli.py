@@ -99,6 +99,7 @@ BAD = [
     (O + ["--world-size", "2", "--ulysses", "3"], "no valid layout for 2 ranks"),
     (O + ["--world-size", "2", "--ulysses", "4", "--ring", "1", "--cfg", "1"],
      "ulysses degree 4 does not divide the model's 6 attention heads"),
+    (O + ["--world-size", "99"], "asks for 99 CPU ranks, but this process may use"),
     (O + ["--world-size", "2", "--cfg", "2", "--guidance", "1"], "cfg degree 2 needs classifier-free guidance"),
     (["--output", "cat.avi"], "--output must end with .mp4"),
     (["--latents-out", "x.pt"], "--latents-out must end with .safetensors"),

@@ -165,3 +165,98 @@ def _root():
     from pathlib import Path
 
     return Path(__file__).resolve().parents[1]
+
+
+_EARLY = textwrap.dedent("""
+    import json, sys, threading, time
+    from comfyui_xdit_cogvideo.pool import WorkerPool
+    pool = WorkerPool("cpu:2", echo_output=False)
+    threading.Thread(target=pool.start, daemon=True).start()
+    while len(pool._ranks) < 2:
+        time.sleep(0.001)
+    print(json.dumps([r.pid for r in pool._ranks]), flush=True)  # spawned, still importing: not connected yet
+    time.sleep(600)
+""")
+
+
+def test_workers_killed_before_they_connect_do_not_linger(tiny_cache):
+    """The parent dies (kill -9) in the second between spawning the workers and their connecting: they must not
+    wait out their connect timeout (600 s) as orphans."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_root()), os.environ.get("PYTHONPATH", "")]))
+    parent = subprocess.Popen([sys.executable, "-c", _EARLY], stdout=subprocess.PIPE, env=env, text=True)
+    workers = []
+    try:
+        workers = json.loads(parent.stdout.readline())
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=30)
+        assert _wait_gone(workers, 60) == [], "workers outlived a parent killed before they connected"
+    finally:
+        for pid in workers:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def test_connected_workers_exit_within_a_second(tiny_cache):
+    from comfyui_xdit_cogvideo.pool import WorkerPool
+
+    pool = WorkerPool("cpu:2", echo_output=False).start()
+    pids = [r["pid"] for r in pool.status()["ranks"]]
+    began = time.monotonic()
+    pool.shutdown()
+    took = time.monotonic() - began
+    assert _wait_gone(pids, 0.1) == [] and took < 1.0, f"shutdown took {took:.2f} s"
+
+
+def test_a_worker_that_dies_while_starting_says_why(tiny_cache, monkeypatch):
+    """The error names the rank, how it ended and the lines that explain it -- never a cut-off 'while starting:'."""
+    from comfyui_xdit_cogvideo.pool import PoolError, WorkerPool, controller
+
+    real = controller.spawn
+    monkeypatch.setattr(controller, "spawn", lambda *a, **k: real(*a, **dict(k, threads="many")))
+    pool = WorkerPool("cpu:1", echo_output=False)
+    with pytest.raises(PoolError) as caught:
+        pool.start()
+    message = str(caught.value)
+    assert "worker rank 0 (cpu" in message and "exited with code 2 while starting:" in message
+    assert "argument --threads: invalid int value: 'many'" in message
+    pool.shutdown()
+
+
+def test_crash_output_leaves_warnings_out():
+    from comfyui_xdit_cogvideo.pool.launch import error_lines
+
+    lines = ["/x/torch/jit/_script.py:1491: FutureWarning: `torch.jit.script` is deprecated.",
+             "  warnings.warn(",
+             "[xdit-cogvideo worker 1] INFO joined",
+             "Traceback (most recent call last):",
+             '  File "w.py", line 3, in <module>',
+             "RuntimeError: CUDA error: an illegal memory access was encountered"]
+    assert error_lines(lines) == "\n".join(lines[3:])
+
+
+def test_a_failed_monitor_stops_the_pool_and_the_next_job_restarts_it(tiny_cache, monkeypatch):
+    from comfyui_xdit_cogvideo import GenerationRequest
+    from comfyui_xdit_cogvideo.pool import ModelSpec, WorkerPool, controller
+
+    real = controller.WorkerPool._watch
+
+    def broken(self, generation):
+        raise RuntimeError("monitor bug")
+
+    monkeypatch.setattr(controller.WorkerPool, "_watch", broken)
+    pool = WorkerPool("cpu:1", echo_output=False).start()
+    first = [r["pid"] for r in pool.status()["ranks"]]
+    deadline = time.monotonic() + 30
+    while pool.status()["state"] != "stopped" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status = pool.status()
+    assert status["state"] == "stopped" and "monitor failed (RuntimeError: monitor bug)" in status["last_error"]
+    assert _wait_gone(first, 10) == []
+    monkeypatch.setattr(controller.WorkerPool, "_watch", real)
+    embeds = torch.zeros(1, 226, 32)
+    pool.generate(ModelSpec("tiny", "fp32"), GenerationRequest(prompt_embeds=embeds, negative_prompt_embeds=embeds,
+                                                               steps=1))
+    assert pool.status()["starts"] == 2 and pool.status()["state"] == "idle"
+    pool.shutdown()

@@ -33,7 +33,7 @@ def _torchrun(rdzv_port: int, pool_port: int, env: dict, log: Path) -> subproces
 
 def test_two_torchrun_launches_form_one_pool(tiny_cache, tiny_path, tmp_path, monkeypatch):
     tiny_path("2b")
-    monkeypatch.setenv("XDIT_COGVIDEO_POOL_KEY", "a shared secret")
+    monkeypatch.setenv("XDIT_COGVIDEO_POOL_KEY", "a shared secret of at least 32 bytes, the same everywhere")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     pool_port, rdzv_port = free_port(), free_port()

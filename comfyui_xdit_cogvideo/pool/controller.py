@@ -353,7 +353,10 @@ class WorkerPool:
                         return self._lost(generation, entry, f"sent a frame that failed its check ({error})")
                     entry.last_seen = now
                     for wire in messages:
-                        message = p.decode(wire)
+                        try:
+                            message = p.decode(wire)
+                        except PoolError as error:
+                            return self._lost(generation, entry, f"sent a message the pool does not know ({error})")
                         if isinstance(message, p.Heartbeat):
                             entry.heartbeat, entry.state = message.encode(), message.state
                         else:
@@ -565,7 +568,10 @@ class WorkerPool:
         with self._slot:
             self.start()
             if self.before_job is not None:
-                self.before_job(self.devices)
+                try:
+                    self.before_job(self.devices)
+                except Exception:  # freeing the host's memory is a courtesy; the job may still fit
+                    log.warning("before_job hook failed", exc_info=True)
             if prepare is not None:
                 prepare(args)
             with self._lock:

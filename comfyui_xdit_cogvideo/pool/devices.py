@@ -127,11 +127,19 @@ class DeviceLock:
 
     @staticmethod
     def folder() -> str:
+        """A folder shared by this user's processes only ($XDG_RUNTIME_DIR, else a 0700 folder in the temp dir
+        that must belong to this user)."""
+        import stat
         import tempfile
 
-        uid = os.getuid() if hasattr(os, "getuid") else "user"
-        path = os.path.join(tempfile.gettempdir(), f"xdit-cogvideo-locks-{uid}")
+        uid = os.getuid() if hasattr(os, "getuid") else None
+        base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+        path = os.path.join(base, f"xdit-cogvideo-locks-{uid if uid is not None else 'user'}")
         os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+        if uid is not None and (info.st_uid != uid or not stat.S_ISDIR(info.st_mode) or info.st_mode & 0o077):
+            raise PoolError(f"{path} must be a folder of this user's with mode 0700 (it holds the pools' device "
+                            "locks); remove it or set XDG_RUNTIME_DIR")
         return path
 
     @classmethod

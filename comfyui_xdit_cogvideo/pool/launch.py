@@ -158,7 +158,7 @@ def _pump_output(stream, rank: Rank, echo: bool) -> None:
     stream.close()
 
 
-def spawn(rank: int, world: int, *, gpu: str | None, backend: str, port: int, threads: int, key: str,
+def spawn(rank: int, world: int, *, gpu: str | None, backend: str, port: int, threads: int | str, key: str,
           connect_timeout: float, echo: bool) -> Rank:
     """Start one local worker process (its own session, so a signal to its group takes any helpers with it)."""
     env = worker_environment(os.environ, rank=rank, world_size=world, gpu=gpu, master_port=0, threads=threads,

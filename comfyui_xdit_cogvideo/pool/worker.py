@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import logging
 import os
 import queue
@@ -533,7 +534,8 @@ def main(argv: list[str] | None = None) -> int:
         worker.send(p.Ready(False, vars(p.ErrorInfo.of(error, traceback.format_exc()))))
         time.sleep(0.5)
         return 1
-    from .. import engine, vae_parallel  # noqa: F401  (imported now, not by the first job: its deadline is for work)
+    for module in ("..engine", "..vae_parallel"):  # imported now, not by the first job: its deadline is for work
+        importlib.import_module(module, __package__)
 
     worker.state = "idle"
     worker.send(worker.snapshot())  # before Ready, so the pool's first status already has it
