@@ -411,3 +411,35 @@ def run_node(node_cls, unique_id: str = "7", **inputs):
     clone = type(node_cls.__name__, (node_cls,), {})
     clone.hidden = _HiddenHolder(unique_id=unique_id)
     return clone.execute(**inputs)
+
+
+def comfy_validate(node_cls, inputs: dict, check_combos: bool = True) -> list[tuple[str, str]]:
+    """The errors ComfyUI's queue-time validation files for constant ``inputs``, as (input name, details).
+
+    Adapted from ``execution.validate_inputs`` of ComfyUI 0.3.64 and 0.33.0 (the same there): inputs not named by
+    the node's ``validate_inputs`` get ComfyUI's own min/max checks (and, from 0.33 on, the combo check, which 0.3.x
+    skips for V3 combos: ``check_combos=False``); when ``validate_inputs`` fails, ComfyUI files its message once
+    under every argument it declares. tests/test_comfyui_server.py checks the same against a real server.
+    """
+    import inspect
+
+    schema = node_cls.GET_SCHEMA()
+    validate = getattr(node_cls, "validate_inputs", None) if "validate_inputs" in vars(node_cls) else None
+    declared = list(inspect.signature(validate).parameters) if validate is not None else []
+    errors = []
+    for spec in schema.inputs:
+        if spec.id not in inputs or spec.id in declared:
+            continue
+        value = inputs[spec.id]
+        if "min" in spec.extra and value < spec.extra["min"]:
+            errors.append((spec.id, f"Value {value} smaller than min of {spec.extra['min']}"))
+        elif "max" in spec.extra and value > spec.extra["max"]:
+            errors.append((spec.id, f"Value {value} bigger than max of {spec.extra['max']}"))
+        elif check_combos and spec.io_type == "COMBO" and value not in spec.options:
+            errors.append((spec.id, f"Value not in list: {spec.id}: '{value}' not in {spec.options}"))
+    if declared:
+        given = {k: v for k, v in inputs.items() if k in declared}
+        result = validate(**given)
+        if result is not True:
+            errors += [(name, f"{name} - {result}") for name in given]
+    return errors

@@ -367,14 +367,24 @@ def test_interrupt_then_next_job_succeeds(server):
 
 def test_bad_inputs_give_clear_errors(server):
     # rejected by validation at POST /prompt
+    def only_error(body) -> tuple[str, str, str]:
+        """Each mistake is filed once, under the input it belongs to: (node class, input name, details)."""
+        ((node, (error,)),) = [(e["class_type"], e["errors"]) for e in body["node_errors"].values()]
+        return node, error["extra_info"]["input_name"], error["details"]
+
     status, body = server.queue(api_workflow("cogvideox_t2v", frames=8))
     assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
-    (errors,) = [e["errors"] for e in body["node_errors"].values() if e["class_type"] == "XDiTCogVideoSampler"]
-    assert "frames must be 4k+1" in errors[0]["details"]
+    node, name, details = only_error(body)
+    assert (node, name) == ("XDiTCogVideoSampler", "frames") and "frames must be 4k+1" in details
+    status, body = server.queue(api_workflow("cogvideox_t2v", width=8))
+    assert status == 400 and only_error(body)[:2] == ("XDiTCogVideoSampler", "width")
     status, body = server.queue(api_workflow("cogvideox_t2v", devices="gpu please"))
-    assert status == 400 and "cannot parse" in json.dumps(body["node_errors"])
+    node, name, details = only_error(body)
+    assert status == 400 and (node, name) == ("XDiTCogVideoParallelConfig", "devices") and "cannot parse" in details
     status, body = server.queue(api_workflow("cogvideox_t2v", model="CogVideoX-2b"))
-    assert status == 400 and "was not found in models/CogVideo" in json.dumps(body["node_errors"])
+    node, name, details = only_error(body)
+    assert status == 400 and (node, name) == ("XDiTCogVideoModelLoader", "model")
+    assert "was not found in models/CogVideo" in details
     # accepted, then refused by the model before the pool runs: the error is in the history
     entry = _run(server, api_workflow("cogvideox_t2v", model="tiny-5b-i2v", seed=4))
     assert entry["status"]["status_str"] == "error"
