@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -49,11 +50,26 @@ const out = { ourErrors: [], pageErrors: [] };
     await page.keyboard.press('Escape');  // the first-run template dialog
     await page.waitForTimeout(300);
     out.extensionLoaded = await page.evaluate(() => window.app.extensions.some((e) => e.name === 'xdit.cogvideo.pool'));
+    // the shipped workflow as a user drops it: its model (CogVideoX-2b) is not installed here
+    await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, cfg.shipped);
+    await page.waitForTimeout(1500);
+    out.missingFlags = await page.evaluate(() => window.app.graph.nodes.filter((n) => n.xditMissingModel).map((n) => n.xditMissingModel));
+    out.missingToast = await page.evaluate(() => [...document.querySelectorAll('.p-toast-message')].map((e) => e.textContent).join(' | '));
+    out.savedFlag = await page.evaluate(() => JSON.stringify(window.app.graph.serialize()).includes('xditMissingModel'));
+    await page.screenshot({ path: cfg.shots + '/missing.png' });
+    await page.evaluate(() => document.querySelectorAll('.p-toast-close-button').forEach((b) => b.click()));
     await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, cfg.workflow);
+    await page.waitForTimeout(500);
+    out.flagsAfter = await page.evaluate(() => window.app.graph.nodes.filter((n) => n.xditMissingModel).length);
     out.nodeTypes = await page.evaluate(() => window.app.graph.nodes.map((n) => n.type).sort());
     await page.click('.xdit-cogvideo-pool-tab-button');
     await page.waitForSelector('.xdit-cogvideo-panel .xdit-state', { timeout: 20000 });
     out.panelBefore = await page.textContent('.xdit-cogvideo-panel');
+    const buttons = () => page.evaluate(() => Object.fromEntries(['refresh', 'stop'].map((k) => {
+      const b = document.querySelector('.xdit-cogvideo-panel .xdit-' + k), st = getComputedStyle(b);
+      return [k, { disabled: b.disabled, opacity: +st.opacity, cursor: st.cursor, border: st.borderStyle }];
+    })));
+    out.buttonsBefore = await buttons();
     await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView'));
     await page.waitForTimeout(500);
     await page.evaluate(() => {
@@ -79,6 +95,7 @@ const out = { ourErrors: [], pageErrors: [] };
       return (m && +m[1] >= 5 && document.querySelector('.xdit-cogvideo-panel .xdit-ranks')) || window.__xdit.done;
     }, null, { timeout: 180000, polling: 100 });
     out.panelRunning = await page.textContent('.xdit-cogvideo-panel');
+    out.buttonsRunning = await buttons();
     await page.screenshot({ path: cfg.shots + '/running.png' });
     await page.waitForFunction(() => window.__xdit.done, null, { timeout: 300000 });
     out.result = await page.evaluate(() => window.__xdit.done);
@@ -134,8 +151,9 @@ def test_ui_workflow_runs_in_browser_with_panel(server, tmp_path):
     shots = Path(os.environ.get("XDIT_SCREENSHOT_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "config.json"
+    shipped = json.loads((ROOT / "workflows" / "ui" / "cogvideox_t2v.json").read_text())
     config.write_text(json.dumps({"chromium": CHROMIUM, "url": server.url + "/", "workflow": workflow,
-                                  "shots": str(tmp_path)}))
+                                  "shipped": shipped, "shots": str(tmp_path)}))
     script = tmp_path / "flow.js"
     script.write_text(FLOW)
     run = subprocess.run(["node", str(script), str(config)], capture_output=True, text=True, timeout=600)
@@ -145,13 +163,26 @@ def test_ui_workflow_runs_in_browser_with_panel(server, tmp_path):
     assert run.returncode == 0, (out, run.stderr[-3000:])
     assert out["extensionLoaded"] and out["ourErrors"] == []
     assert "Not started" in out["panelBefore"]
+    # a missing model is marked on load, with what to download and where, and nothing of it is saved
+    assert out["missingFlags"] == ["CogVideoX-2b"] and out["flagsAfter"] == 0 and not out["savedFlag"]
+    assert "CogVideoX-2b" in out["missingToast"] and "models/CogVideo/CogVideoX-2b" in out["missingToast"]
+    assert "Installed now: tiny-2b" in out["missingToast"]
+    # the disabled Stop does not look like the enabled Refresh
+    refresh, stop = out["buttonsBefore"]["refresh"], out["buttonsBefore"]["stop"]
+    assert stop["disabled"] and not refresh["disabled"] and not out["buttonsRunning"]["stop"]["disabled"]
+    assert stop["opacity"] <= 0.5 < refresh["opacity"] and stop["cursor"] == "not-allowed" != refresh["cursor"]
     assert "XDiTCogVideoSampler" in out["nodeTypes"] and "MarkdownNote" in out["nodeTypes"]
     assert out["result"]["type"] == "execution_success", out["result"]
     assert "rank 0" in out["panelRunning"]
+    # one story while a job runs: the job named once with its step, no rank called idle
+    running = " ".join(out["panelRunning"].split())
+    assert re.search(r"current job sample \d+/60", running) and not re.search(r"sample\s*·\s*sample", running), running
+    assert "busy" in running and " idle" not in running, running
     assert "idle" in out["panelDone"] and "tiny-2b" in out["panelDone"]
     videos = sorted((server.base / "output" / "video").glob("CogVideoX_*.mp4"))
     assert videos and _mp4_info(videos[-1]) == ((48, 32), 9)
-    for name, target in (("running.png", "comfyui_t2v_running.png"), ("done.png", "comfyui_t2v_done.png")):
+    for name, target in (("running.png", "comfyui_t2v_running.png"), ("done.png", "comfyui_t2v_done.png"),
+                         ("missing.png", "comfyui_missing_model.png")):
         _shrink(tmp_path / name)
         if shots != tmp_path:
             shutil.copyfile(tmp_path / name, shots / target)
