@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -219,11 +220,18 @@ def test_loads_as_v3_package_with_panel_and_templates(server):
     js = [e for e in extensions if "xdit_cogvideo.js" in e]
     assert js == [f"/extensions/{PACKAGE}/xdit_cogvideo.js"]  # served once (WEB_DIRECTORY only)
     assert server.request(js[0])[0] == 200
-    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == [
-        "cogvideox_i2v", "cogvideox_t2v", "cogvideox_t2v_comfy_t5", "cogvideox_t2v_core_loaders", "cogvideox_t2v_lora"]
     assert info["XDiTCogVideoLoraLoader"]["input"]["required"]["lora_name"][1]["options"] == ["tiny-2b-kohya.safetensors"]
-    status, template = server.request(f"/api/workflow_templates/{PACKAGE}/cogvideox_t2v.json")
-    assert status == 200 and template["nodes"]
+    # the template browser shows each file name as title and description, and <name>.jpg as its picture
+    titles = ["CogVideoX image to video (multi-GPU)", "CogVideoX text to video (multi-GPU)",
+              "CogVideoX text to video from core loaders (multi-GPU sampler)",
+              "CogVideoX text to video with Load CLIP T5 (multi-GPU)", "CogVideoX text to video with a LoRA (multi-GPU)"]
+    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == titles
+    for title in titles:
+        quoted = urllib.parse.quote(title)
+        status, template = server.request(f"/api/workflow_templates/{PACKAGE}/{quoted}.json")
+        assert status == 200 and template["nodes"]
+        status, picture = server.request(f"/api/workflow_templates/{PACKAGE}/{quoted}.jpg")
+        assert status == 200 and picture[:3] == b"\xff\xd8\xff"
 
 
 def test_t2v_api_workflow_writes_the_mp4(server):
