@@ -262,18 +262,41 @@ def test_lora_workflow_merges_on_the_workers_and_switches_without_reloading(serv
     assert status == 400 and "was not found in models/loras" in json.dumps(body["node_errors"])
 
 
-def test_own_save_node_instead_of_core_video_nodes(server):
+READ_TAGS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from comfy_api.latest import InputImpl
+print("RESULT " + json.dumps({p: dict(InputImpl.VideoFromFile(p).get_components().metadata) for p in sys.argv[2:]}))
+"""
+
+
+def test_own_save_node_embeds_the_workflow_as_core_does(server, tmp_path):
     prompt = api_workflow("cogvideox_t2v")
-    create = next(k for k, n in prompt.items() if n["class_type"] == "CreateVideo")
     save = next(k for k, n in prompt.items() if n["class_type"] == "SaveVideo")
-    images = prompt.pop(create)["inputs"]["images"]
-    prompt[save] = {"class_type": "XDiTCogVideoSaveVideo",
+    images = prompt[next(k for k, n in prompt.items() if n["class_type"] == "CreateVideo")]["inputs"]["images"]
+    prompt["99"] = {"class_type": "XDiTCogVideoSaveVideo",
                     "inputs": {"images": images, "fps": 8.0, "filename_prefix": "video/own", "crf": 19}}
-    entry = _run(server, prompt)
+    workflow = json.loads((ROOT / "workflows" / "ui" / "cogvideox_t2v.json").read_text())
+    status, body = server.request("/prompt", {"prompt": prompt, "client_id": "xdit-test",  # as the frontend sends it
+                                              "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
+    assert status == 200, body
+    entry = server.wait(body["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
-    (saved,) = entry["outputs"][save]["images"]
-    assert saved["subfolder"] == "video" and entry["outputs"][save]["animated"] == [True]
-    assert _mp4_info(server.base / "output" / "video" / saved["filename"]) == ((48, 32), 9)
+    (saved,) = entry["outputs"]["99"]["images"]
+    assert saved["subfolder"] == "video" and entry["outputs"]["99"]["animated"] == [True]
+    ours = server.base / "output" / "video" / saved["filename"]
+    assert _mp4_info(ours) == ((48, 32), 9)
+    (core,) = entry["outputs"][save]["images"]
+    core = server.base / "output" / core["subfolder"] / core["filename"]
+    # ComfyUI's own video loader reads the same prompt and workflow tags from our file as from core's SaveVideo's
+    run = subprocess.run([COMFYUI_PYTHON, "-c", READ_TAGS, COMFYUI_DIR, str(ours), str(core)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    tags = json.loads(lines[-1][7:])
+    for key in ("prompt", "workflow"):
+        assert json.loads(tags[str(ours)][key]) == json.loads(tags[str(core)][key]), key
+    assert json.loads(tags[str(ours)]["workflow"]) == workflow and json.loads(tags[str(ours)]["prompt"])["99"]
 
 
 def test_i2v_api_workflow_writes_the_mp4(server):

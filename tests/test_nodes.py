@@ -663,3 +663,51 @@ def test_a_layout_the_model_cannot_run_leaves_the_warm_pool_alone(comfy, spec, e
                  width=48, height=32, frames=9, steps=1, parallel=bad)
     assert common.current_pool() is warm and [r["pid"] for r in warm.status()["ranks"]] == pids
     assert warm.status()["state"] == "idle"
+
+
+def _container_tags(path: Path) -> dict:
+    """The container's global tags, read back by ffmpeg (FFMETADATA1, backslash escapes undone)."""
+    import imageio_ffmpeg
+
+    run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+                         capture_output=True, text=True, check=True)
+    tags, key, value, escaped, in_value = {}, "", "", False, False
+    for c in run.stdout.split("\n", 1)[1]:
+        if escaped:
+            value, key = (value + c, key) if in_value else (value, key + c)
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == "=" and not in_value:
+            in_value = True
+        elif c == "\n":
+            if key:
+                tags[key] = value
+            key, value, in_value = "", "", False
+        else:
+            value, key = (value + c, key) if in_value else (value, key + c)
+    return tags
+
+
+def test_save_node_embeds_prompt_and_workflow_like_core(comfy, tmp_path):
+    save = comfy.by_id["XDiTCogVideoSaveVideo"]
+    assert {h.value for h in save.GET_SCHEMA().hidden} == {"PROMPT", "EXTRA_PNGINFO"}  # what core's SaveVideo asks
+    workflow = {"nodes": [{"id": 1, "widgets_values": ["a = b; c # d \\ e\nf", "ünï"]}], "links": []}
+    prompt = {"5": {"class_type": "XDiTCogVideoSampler", "inputs": {"seed": 7}}}
+    hidden = {"prompt": prompt, "extra_pnginfo": {"workflow": workflow}}
+    out = run_node(save, "9", hidden=hidden, images=torch.rand(5, 32, 48, 3), fps=8.0, filename_prefix="meta/t",
+                   crf=19)
+    path = comfy.base / "output" / "meta" / out.ui.as_dict()["images"][0]["filename"]
+    tags = _container_tags(path)
+    assert json.loads(tags["workflow"]) == workflow and json.loads(tags["prompt"]) == prompt
+    data = path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # tags readable from the file's start (a browser reads the head)
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left
+    comfy.args.disable_metadata = True  # ComfyUI --disable-metadata
+    try:
+        out = run_node(save, "9", hidden=hidden, images=torch.rand(5, 32, 48, 3), fps=8.0, filename_prefix="meta/t",
+                       crf=19)
+    finally:
+        comfy.args.disable_metadata = False
+    tags = _container_tags(path.parent / out.ui.as_dict()["images"][0]["filename"])
+    assert "workflow" not in tags and "prompt" not in tags
