@@ -10,15 +10,19 @@ set, else to a temp folder:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from comfy_stub import comfy_stubs
 from test_comfyui_server import COMFYUI_DIR, PACKAGE, ROOT, Server, _free_port, _mp4_info
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -50,6 +54,16 @@ const out = { ourErrors: [], pageErrors: [] };
     await page.keyboard.press('Escape');  // the first-run template dialog
     await page.waitForTimeout(300);
     out.extensionLoaded = await page.evaluate(() => window.app.extensions.some((e) => e.name === 'xdit.cogvideo.pool'));
+    // files dropped on ComfyUI: the README's picture (PNG text chunks) and an mp4 from our Save MP4 (container tags)
+    const drop = (b64, name, type, probe) => page.evaluate(async ({ b64, name, type, probe }) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      await window.app.handleFile(new File([bytes], name, { type }));
+      await new Promise((r) => setTimeout(r, 800));
+      const node = window.app.graph.nodes.find((n) => n.type === probe);
+      return { types: window.app.graph.nodes.map((n) => n.type).sort(), text: node?.widgets?.[0]?.value ?? null };
+    }, { b64, name, type, probe });
+    out.droppedPng = await drop(cfg.png, 'cogvideox_t2v_workflow.png', 'image/png', 'XDiTCogVideoTextEncodeModelT5');
+    out.droppedMp4 = await drop(cfg.mp4, 'CogVideoX_00001_.mp4', 'video/mp4', 'XDiTCogVideoTextEncodeModelT5');
     // the shipped workflow as a user drops it: its model (CogVideoX-2b) is not installed here
     await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, cfg.shipped);
     await page.waitForTimeout(1500);
@@ -139,6 +153,13 @@ def _shrink(path: Path) -> None:
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
+MARK = "a lighthouse keeper's cat watching the storm (restored from the mp4)"
+
+
+def shipped_prompt(workflow: dict) -> str:
+    return next(n for n in workflow["nodes"] if n["type"] == "XDiTCogVideoTextEncodeModelT5")["widgets_values"][0]
+
+
 def test_ui_workflow_runs_in_browser_with_panel(server, tmp_path):
     workflow = json.loads((ROOT / "workflows" / "ui" / "cogvideox_t2v.json").read_text())
     for node in workflow["nodes"]:  # tiny model, small video, enough steps to watch progress
@@ -152,8 +173,16 @@ def test_ui_workflow_runs_in_browser_with_panel(server, tmp_path):
     shots.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "config.json"
     shipped = json.loads((ROOT / "workflows" / "ui" / "cogvideox_t2v.json").read_text())
-    config.write_text(json.dumps({"chromium": CHROMIUM, "url": server.url + "/", "workflow": workflow,
-                                  "shipped": shipped, "shots": str(tmp_path)}))
+    marked = json.loads(json.dumps(workflow))
+    next(n for n in marked["nodes"] if n["type"] == "XDiTCogVideoTextEncodeModelT5")["widgets_values"][0] = MARK
+    mp4 = tmp_path / "ours.mp4"
+    with comfy_stubs(tmp_path / "comfy") as c:  # the Save MP4 node's writer, as it runs inside ComfyUI
+        video = sys.modules[c.load_package("xdit_browser_check").__name__ + ".nodes.video"]
+        video.write_mp4(torch.rand(5, 32, 48, 3), str(mp4), fps=8, metadata={"prompt": {}, "workflow": marked})
+    config.write_text(json.dumps({
+        "chromium": CHROMIUM, "url": server.url + "/", "workflow": workflow, "shipped": shipped, "shots": str(tmp_path),
+        "png": base64.b64encode((ROOT / "docs" / "cogvideox_t2v_workflow.png").read_bytes()).decode(),
+        "mp4": base64.b64encode(mp4.read_bytes()).decode()}))
     script = tmp_path / "flow.js"
     script.write_text(FLOW)
     run = subprocess.run(["node", str(script), str(config)], capture_output=True, text=True, timeout=600)
@@ -163,6 +192,9 @@ def test_ui_workflow_runs_in_browser_with_panel(server, tmp_path):
     assert run.returncode == 0, (out, run.stderr[-3000:])
     assert out["extensionLoaded"] and out["ourErrors"] == []
     assert "Not started" in out["panelBefore"]
+    # ComfyUI's own file loader finds the workflow in the README's picture and in our mp4
+    assert "XDiTCogVideoSampler" in out["droppedPng"]["types"] and out["droppedPng"]["text"] == shipped_prompt(shipped)
+    assert "XDiTCogVideoSampler" in out["droppedMp4"]["types"] and out["droppedMp4"]["text"] == MARK
     # a missing model is marked on load, with what to download and where, and nothing of it is saved
     assert out["missingFlags"] == ["CogVideoX-2b"] and out["flagsAfter"] == 0 and not out["savedFlag"]
     assert "CogVideoX-2b" in out["missingToast"] and "models/CogVideo/CogVideoX-2b" in out["missingToast"]

@@ -228,3 +228,13 @@ def test_builder_reproduces_the_shipped_files():
     for graph in build.graphs():
         assert json.loads((UI_DIR / f"{graph.name}.json").read_text()) == graph.ui()
         assert json.loads((API_DIR / f"{graph.name}_api.json").read_text()) == graph.api
+
+
+def test_readme_picture_carries_the_workflow_as_comfyui_saves_it():
+    from PIL import Image
+
+    picture = Image.open(ROOT / "docs" / "cogvideox_t2v_workflow.png")
+    assert picture.format == "PNG" and (ROOT / "docs" / "cogvideox_t2v_workflow.png").stat().st_size < 60_000
+    assert json.loads(picture.text["workflow"]) == json.loads((UI_DIR / "cogvideox_t2v.json").read_text())
+    assert json.loads(picture.text["prompt"]) == json.loads((API_DIR / "cogvideox_t2v_api.json").read_text())
+    assert "cogvideox_t2v_workflow.png" in (ROOT / "README.md").read_text()

@@ -291,7 +291,7 @@ function drawMissingModel(node, ctx) {
   ctx.font = "bold 12px sans-serif";  // below the widgets, inside the node (above it sit the title and badges)
   ctx.fillText(`⚠ '${name}' is not installed`, 10, node.size[1] - 24, node.size[0] - 20);
   ctx.font = "12px sans-serif";
-  ctx.fillText("put it in models/CogVideo (see the note), press R", 10, node.size[1] - 8, node.size[0] - 20);
+  ctx.fillText("see the note: models/CogVideo, then R", 10, node.size[1] - 8, node.size[0] - 120);
   ctx.restore();
 }
 

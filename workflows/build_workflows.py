@@ -180,20 +180,21 @@ _COLOURS = {"MarkdownNote": ((101, 85, 51), (67, 51, 34))}  # (fill, title bar);
 _OURS, _CORE = ((52, 72, 110), (70, 100, 160)), ((70, 70, 70), (100, 100, 100))
 
 
-def thumbnail(graph: "Graph"):
+def thumbnail(graph: "Graph", size: tuple[int, int] = THUMBNAIL_SIZE):
     """A title card for the template browser: the workflow's nodes and links in miniature under its title."""
     from PIL import Image, ImageDraw, ImageFont
 
-    width, height = THUMBNAIL_SIZE
-    image = Image.new("RGB", THUMBNAIL_SIZE, (24, 26, 32))
+    width, height = size
+    k = width / THUMBNAIL_SIZE[0]
+    image = Image.new("RGB", size, (24, 26, 32))
     draw = ImageDraw.Draw(image)
     left = min(n["pos"][0] for n in graph.nodes)
     top = min(n["pos"][1] for n in graph.nodes)
     right = max(n["pos"][0] + n["size"][0] for n in graph.nodes)
     bottom = max(n["pos"][1] + n["size"][1] for n in graph.nodes)
-    band = 70
-    scale = min((width - 24) / (right - left), (height - band - 20) / (bottom - top))
-    ox, oy = (width - (right - left) * scale) / 2, 12
+    band = 70 * k
+    scale = min((width - 24 * k) / (right - left), (height - band - 20 * k) / (bottom - top))
+    ox, oy = (width - (right - left) * scale) / 2, 12 * k
 
     def box(node):
         x, y = ox + (node["pos"][0] - left) * scale, oy + (node["pos"][1] - top) * scale
@@ -203,17 +204,31 @@ def thumbnail(graph: "Graph"):
     for _, src, _, dst, _, _ in graph.links:
         x0, y0, x1, y1 = boxes[src]
         a0, b0, _, _ = boxes[dst]
-        draw.line([(x1, y0 + 8), (a0, b0 + 8)], fill=(150, 160, 190), width=2)
+        draw.line([(x1, y0 + 8 * k), (a0, b0 + 8 * k)], fill=(150, 160, 190), width=round(2 * k))
     for node in graph.nodes:
         fill, bar = _COLOURS.get(node["type"], _OURS if node["type"].startswith("XDiT") else _CORE)
         x0, y0, x1, y1 = boxes[node["id"]]
-        draw.rounded_rectangle((x0, y0, x1, y1), radius=3, fill=fill, outline=(16, 16, 20))
-        draw.rectangle((x0 + 1, y0 + 1, x1 - 1, min(y1 - 1, y0 + 6)), fill=bar)
+        draw.rounded_rectangle((x0, y0, x1, y1), radius=3 * k, fill=fill, outline=(16, 16, 20))
+        draw.rectangle((x0 + 1, y0 + 1, x1 - 1, min(y1 - 1, y0 + 6 * k)), fill=bar)
+        if k >= 2:  # large enough to name the nodes
+            label = (node.get("title") or DISPLAY.get(node["type"], node["type"])).replace("xDiT CogVideoX ", "")
+            draw.text((x0 + 4 * k, y0 + 9 * k), label, fill=(220, 225, 235), font=ImageFont.load_default(size=6 * k))
     draw.rectangle((0, height - band, width, height), fill=(14, 16, 22))
     headline, subtitle = CARDS[graph.name]
-    draw.text((14, height - band + 10), headline, fill=(235, 238, 245), font=ImageFont.load_default(size=22))
-    draw.text((14, height - band + 42), subtitle, fill=(150, 180, 235), font=ImageFont.load_default(size=13))
+    draw.text((14 * k, height - band + 10 * k), headline, fill=(235, 238, 245), font=ImageFont.load_default(size=22 * k))
+    draw.text((14 * k, height - band + 42 * k), subtitle, fill=(150, 180, 235), font=ImageFont.load_default(size=13 * k))
     return image
+
+
+def workflow_picture(graph: "Graph"):
+    """(PNG image, its text chunks) as ComfyUI's SaveImage writes them: "prompt" (API format) and "workflow" (UI
+    format), each as JSON, so that dropping the picture on ComfyUI loads the workflow."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(graph.api))
+    info.add_text("workflow", json.dumps(graph.ui()))
+    return thumbnail(graph, (THUMBNAIL_SIZE[0] * 2, THUMBNAIL_SIZE[1] * 2)), info
 
 
 class Graph:
@@ -400,6 +415,8 @@ def main() -> None:
         shutil.copyfile(ui_path, examples / f"{TITLES[graph.name]}.json")
         thumbnail(graph).save(examples / f"{TITLES[graph.name]}.jpg", quality=85, optimize=True)
         print("wrote", graph.name)
+    picture, info = workflow_picture(t2v(True))
+    picture.quantize(colors=64).save(ROOT / "docs" / "cogvideox_t2v_workflow.png", pnginfo=info, optimize=True)
 
 
 if __name__ == "__main__":
