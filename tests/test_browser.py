@@ -64,6 +64,8 @@ const out = { ourErrors: [], pageErrors: [] };
     }, { b64, name, type, probe });
     out.droppedPng = await drop(cfg.png, 'cogvideox_t2v_workflow.png', 'image/png', 'XDiTCogVideoTextEncodeModelT5');
     out.droppedMp4 = await drop(cfg.mp4, 'CogVideoX_00001_.mp4', 'video/mp4', 'XDiTCogVideoTextEncodeModelT5');
+    await page.evaluate(() => document.querySelectorAll('.p-toast-close-button').forEach((b) => b.click()));
+    await page.waitForTimeout(500);
     // the shipped workflow as a user drops it: its model (CogVideoX-2b) is not installed here
     await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, cfg.shipped);
     await page.waitForTimeout(1500);
