@@ -652,7 +652,8 @@ def test_a_layout_the_model_cannot_run_leaves_the_warm_pool_alone(comfy, spec, e
     from comfyui_xdit_cogvideo import LayoutError
 
     common = sys.modules[comfy.pkg.__name__ + ".nodes.common"]
-    warm = common.current_pool()
+    run_node(comfy.by_id["XDiTCogVideoTextEncodeModelT5"], model=spec, prompt="a cat", parallel=parallel)  # warm
+    warm = common.current_pool()  # (an earlier test shuts the pool down)
     assert warm is not None and warm.status()["state"] == "idle"
     pids = [r["pid"] for r in warm.status()["ranks"]]
     bad = common.ParallelConfig("cpu:2", None, 4, None)
