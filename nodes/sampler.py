@@ -16,7 +16,8 @@ MAX_SIZE = 4096
 def check_size(name: str, value: int | None) -> str | None:
     """What is wrong with a width or height (None if fine): the VAE (8) and patch size (2) need multiples of 16."""
     if value is not None and (value < 16 or value > MAX_SIZE or value % 16):
-        return f"{name} must be a multiple of 16 between 16 and {MAX_SIZE} (e.g. {min(MAX_SIZE, max(16, value // 16 * 16))}), got {value}"
+        near = min(MAX_SIZE, max(16, value // 16 * 16))
+        return f"{name} must be a multiple of 16 between 16 and {MAX_SIZE} (e.g. {near}), got {value}"
     return None
 
 
