@@ -309,7 +309,8 @@ def test_parallel_config_validation(comfy, parallel, monkeypatch):
     (explicit,) = run_node(node, devices="cpu:4", cfg="2", ulysses="auto", ring="2").args
     assert (explicit.cfg, explicit.ulysses, explicit.ring, explicit.explicit) == (2, None, 2, True)
     assert parallel.memory == "auto" and run_node(node, devices="cpu:2", memory="low").args[0].memory == "low"
-    assert "memory must be one of auto, fast, low, offload" in node.validate_inputs(devices="cpu:2", memory="tiny")
+    with pytest.raises(ValueError, match="memory must be one of auto, fast, low, offload"):
+        run_node(node, devices="cpu:2", memory="tiny")
 
 
 def _widgets(comfy, node_id: str, **changes) -> dict:
