@@ -204,25 +204,19 @@ class ModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, model=None, vae=None, text_encoder=None, precision=None, attention=None,
-                        fp8_weights=None):
-        # Only constant (widget) values arrive here; linked ones are None and checked in execute.
-        for name, value, options in (("precision", precision, PRECISIONS), ("attention", attention, ATTENTION_BACKENDS),
-                                     ("fp8_weights", fp8_weights, WEIGHT_STORAGE)):
-            if value is not None and (err := check_choice(name, value, options)):
-                return err
-        if model is not None and resolve(model, MODEL_FOLDERS) is None:
-            return (f"model {model!r} was not found in models/CogVideo, models/diffusers or models/diffusion_models; "
-                    "put a diffusers-format CogVideoX folder or a transformer .safetensors there and refresh")
-        if vae not in (None, FROM_MODEL) and resolve(vae, ("vae",) + MODEL_FOLDERS) is None:
-            return f"vae {vae!r} was not found in models/vae, models/CogVideo or models/diffusers"
-        if text_encoder not in (None, FROM_MODEL) and resolve(text_encoder, ("text_encoders",) + MODEL_FOLDERS) is None:
-            return f"text_encoder {text_encoder!r} was not found in models/text_encoders or the model folders"
-        return True
+    def validate_inputs(cls, model=None):
+        # ComfyUI files a failed validate_inputs under every argument it declares: declare only ``model``, whose
+        # message says where the files go. vae/text_encoder/precision/attention/fp8_weights are combos that ComfyUI
+        # 0.33 checks itself, per input; execute checks them again (0.3.x does not check V3 combos).
+        return check_model(model) or True
 
     @classmethod
     def execute(cls, model, vae=FROM_MODEL, text_encoder=FROM_MODEL, precision="bf16", attention="auto",
                 fp8_weights="upcast") -> io.NodeOutput:
+        for name, value, options in (("precision", precision, PRECISIONS), ("attention", attention, ATTENTION_BACKENDS),
+                                     ("fp8_weights", fp8_weights, WEIGHT_STORAGE)):
+            if error := check_choice(name, value, options):
+                raise ValueError(error)
         return io.NodeOutput(build_spec(model, vae, text_encoder, precision, attention, fp8_weights))
 
 
@@ -236,6 +230,14 @@ def comfy_t5_tokenizer() -> str | None:
         folder = os.path.join(root, "t5_tokenizer")
         if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
             return folder
+    return None
+
+
+def check_model(model: str | None) -> str | None:
+    """What is wrong with the loader's model choice (None if it resolves to a file or folder)."""
+    if model is not None and resolve(model, MODEL_FOLDERS) is None:
+        return (f"model {model!r} was not found in models/CogVideo, models/diffusers or models/diffusion_models; "
+                "put a diffusers-format CogVideoX folder or a transformer .safetensors there and refresh")
     return None
 
 

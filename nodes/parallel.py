@@ -32,6 +32,26 @@ def device_count(devices: str) -> int | None:
         return None
 
 
+def check_config(devices: str, cfg: str, ulysses: str, ring: str) -> str | None:
+    """What is wrong with a parallel config (None if the pool can run it)."""
+    for error in (check_devices(devices), check_choice("cfg", cfg, CFG_CHOICES),
+                  check_choice("ulysses", ulysses, DEGREE_CHOICES), check_choice("ring", ring, DEGREE_CHOICES)):
+        if error:
+            return error
+    count = device_count(devices)
+    fixed = [parse_degree(x) for x in (cfg, ulysses, ring)]
+    if count is not None and None not in fixed and fixed[0] * fixed[1] * fixed[2] != count:
+        return (f"cfg {cfg} x ulysses {ulysses} x ring {ring} = {fixed[0] * fixed[1] * fixed[2]} ranks, but "
+                f"devices {devices!r} gives {count}; set one degree to auto")
+    product = 1
+    for degree in fixed:
+        product *= degree or 1
+    if count is not None and count % product:
+        return (f"cfg {cfg} x ulysses {ulysses} x ring {ring} needs a multiple of {product} ranks, but devices "
+                f"{devices!r} gives {count}")
+    return None
+
+
 class ParallelConfigNode(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -70,34 +90,16 @@ class ParallelConfigNode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, devices=None, cfg=None, ulysses=None, ring=None, memory="auto"):
-        # Only constant (widget) values arrive here; linked ones are None and checked in execute.
-        for error in (memory is not None and check_choice("memory", memory, MEMORY_CHOICES),
-                      devices is not None and check_devices(devices),
-                      cfg is not None and check_choice("cfg", cfg, CFG_CHOICES),
-                      ulysses is not None and check_choice("ulysses", ulysses, DEGREE_CHOICES),
-                      ring is not None and check_choice("ring", ring, DEGREE_CHOICES)):
-            if error:
-                return error
-        if None in (devices, cfg, ulysses, ring):
-            return True
-        count = device_count(devices)
-        fixed = [parse_degree(x) for x in (cfg, ulysses, ring)]
-        if count is not None and None not in fixed and fixed[0] * fixed[1] * fixed[2] != count:
-            return (f"cfg {cfg} x ulysses {ulysses} x ring {ring} = {fixed[0] * fixed[1] * fixed[2]} ranks, but "
-                    f"devices {devices!r} gives {count}; set one degree to auto")
-        product = 1
-        for degree in fixed:
-            product *= degree or 1
-        if count is not None and count % product:
-            return (f"cfg {cfg} x ulysses {ulysses} x ring {ring} needs a multiple of {product} ranks, but devices "
-                    f"{devices!r} gives {count}")
-        return True
+    def validate_inputs(cls, devices=None):
+        # ComfyUI files a failed validate_inputs under every argument it declares: declare only ``devices``;
+        # the degrees and memory are combos (ComfyUI 0.33 checks them per input), checked again in execute with the
+        # degrees' product against the devices.
+        return (devices is not None and check_devices(devices)) or True
 
     @classmethod
     def execute(cls, devices="auto", cfg="auto", ulysses="auto", ring="auto", memory="auto") -> io.NodeOutput:
-        error = cls.validate_inputs(devices, cfg, ulysses, ring, memory)
-        if error is not True:
+        error = check_choice("memory", memory, MEMORY_CHOICES) or check_config(devices, cfg, ulysses, ring)
+        if error:
             raise ValueError(error)
         return io.NodeOutput(ParallelConfig(devices.strip().lower(), parse_degree(cfg), parse_degree(ulysses),
                                             parse_degree(ring), memory))

@@ -13,6 +13,22 @@ from .text import conditioning_to_embeds
 MAX_SIZE = 4096
 
 
+def check_size(name: str, value: int | None) -> str | None:
+    """What is wrong with a width or height (None if fine): the VAE (8) and patch size (2) need multiples of 16."""
+    if value is not None and (value < 16 or value > MAX_SIZE or value % 16):
+        near = min(MAX_SIZE, max(16, value // 16 * 16))
+        return f"{name} must be a multiple of 16 between 16 and {MAX_SIZE} (e.g. {near}), got {value}"
+    return None
+
+
+def check_frames(frames: int | None) -> str | None:
+    """What is wrong with a frame count (None if fine): the VAE packs 4 frames per latent frame plus the first."""
+    if frames is not None and (frames < 1 or frames > 1025 or (frames - 1) % 4):
+        near = max(1, (frames - 1) // 4 * 4 + 1)
+        return f"frames must be 4k+1 between 1 and 1025 (e.g. {near} or {near + 4}), got {frames}"
+    return None
+
+
 class Sampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -66,22 +82,18 @@ class Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, width=None, height=None, frames=None, scheduler=None):
-        if scheduler is not None and (err := check_choice("scheduler", scheduler, SCHEDULERS)):
-            return err
-        for name, value in (("width", width), ("height", height)):
-            if value is not None and (value < 16 or value > MAX_SIZE or value % 16):
-                return f"{name} must be a multiple of 16 between 16 and {MAX_SIZE}, got {value}"
-        if frames is not None and (frames < 1 or frames > 1025 or (frames - 1) % 4):
-            near = max(1, (frames - 1) // 4 * 4 + 1)
-            return f"frames must be 4k+1 between 1 and 1025 (e.g. {near} or {near + 4}), got {frames}"
-        return True
+    def validate_inputs(cls, frames=None):
+        # ComfyUI files a failed validate_inputs under every argument it declares, so it declares only the input
+        # ComfyUI cannot check itself; width/height (min/max) and scheduler (combo) are checked per input by
+        # ComfyUI, and again in execute (0.3.x does not check V3 combos; neither checks step=16).
+        return check_frames(frames) or True
 
     @classmethod
     def execute(cls, model, positive, negative, width=720, height=480, frames=49, steps=50, guidance=6.0,
                 dynamic_cfg=False, seed=42, scheduler="default", parallel=None, image=None) -> io.NodeOutput:
-        error = cls.validate_inputs(width, height, frames, scheduler)
-        if error is not True:
+        error = (check_size("width", width) or check_size("height", height) or check_frames(frames)
+                 or check_choice("scheduler", scheduler, SCHEDULERS))
+        if error:
             raise ValueError(error)
         eng = engine()
         from comfyui_xdit_cogvideo.loading import latent_scaling, read_model_info

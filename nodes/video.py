@@ -60,8 +60,45 @@ class Decode(io.ComfyNode):
         return io.NodeOutput(images.float().cpu().clamp(0, 1).contiguous())
 
 
-def write_mp4(images: torch.Tensor, path: str, fps: float, crf: int = 19) -> None:
-    """[F, H, W, 3] floats in 0..1 -> H.264 mp4 (yuv420p) with imageio-ffmpeg; odd sizes are edge-padded."""
+def _ffmetadata(metadata: dict) -> str:
+    """An ffmpeg FFMETADATA1 file: each value as JSON, as core's SaveVideo stores it; = ; # \\ and newlines escaped."""
+    import json
+
+    def escape(text: str) -> str:
+        return "".join("\\" + c if c in "=;#\\\n" else c for c in text)
+
+    lines = [";FFMETADATA1"]
+    lines += [f"{escape(str(key))}={escape(value if isinstance(value, str) else json.dumps(value))}"
+              for key, value in metadata.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _add_metadata(source: str, path: str, metadata: dict) -> None:
+    """Copy ``source`` into ``path`` with container tags ``metadata`` (moov first, so a browser finds them early)."""
+    import subprocess
+    import tempfile
+
+    import imageio_ffmpeg
+
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as tags:
+        tags.write(_ffmetadata(metadata))
+    try:
+        run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", source, "-f", "ffmetadata",
+                              "-i", tags.name, "-map", "0", "-map_metadata", "1", "-c", "copy",
+                              "-movflags", "use_metadata_tags+faststart", path], capture_output=True, text=True)
+    finally:
+        os.unlink(tags.name)
+    if run.returncode != 0 or not os.path.exists(path) or os.path.getsize(path) == 0:
+        detail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"ffmpeg could not write {path}: {detail}")
+
+
+def write_mp4(images: torch.Tensor, path: str, fps: float, crf: int = 19, metadata: dict | None = None) -> None:
+    """[F, H, W, 3] floats in 0..1 -> H.264 mp4 (yuv420p) with imageio-ffmpeg; odd sizes are edge-padded.
+
+    ``metadata`` (e.g. ``{"prompt": ..., "workflow": ...}``) goes into the container's tags, one JSON value per key,
+    as core's SaveVideo writes them (``movflags use_metadata_tags``): dropping the file on ComfyUI restores the graph.
+    """
     import imageio_ffmpeg
     import numpy as np
 
@@ -72,6 +109,7 @@ def write_mp4(images: torch.Tensor, path: str, fps: float, crf: int = 19) -> Non
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     height, width = frames.shape[1:3]
+    target, path = path, (f"{path}.part.mp4" if metadata else path)
     writer = imageio_ffmpeg.write_frames(path, (width, height), fps=float(fps), codec="libx264",
                                          pix_fmt_out="yuv420p", macro_block_size=1, quality=None,
                                          output_params=["-crf", str(int(crf))], ffmpeg_log_level="error")
@@ -81,6 +119,11 @@ def write_mp4(images: torch.Tensor, path: str, fps: float, crf: int = 19) -> Non
             writer.send(np.ascontiguousarray(frame))
     finally:
         writer.close()
+    if metadata:
+        try:
+            _add_metadata(path, target, metadata)
+        finally:
+            os.unlink(path)
 
 
 class SaveVideo(io.ComfyNode):
@@ -102,6 +145,7 @@ class SaveVideo(io.ComfyNode):
                     "H.264 quality (constant rate factor): lower is better and larger; 17-23 is typical.")),
             ],
             outputs=[],
+            hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
 
@@ -114,5 +158,18 @@ class SaveVideo(io.ComfyNode):
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir,
                                                                                    width, height)
         name = f"{filename}_{counter:05}_.mp4"
-        write_mp4(images, os.path.join(folder, name), fps, crf)
+        write_mp4(images, os.path.join(folder, name), fps, crf, metadata=cls.workflow_metadata())
         return io.NodeOutput(ui=ui.PreviewVideo([ui.SavedResult(name, subfolder, io.FolderType.output)]))
+
+    @classmethod
+    def workflow_metadata(cls) -> dict | None:
+        """What core's SaveVideo stores (ComfyUI 0.3.64 and 0.33.0): extra_pnginfo's keys (the UI graph under
+        "workflow") and the API prompt under "prompt"; nothing when ComfyUI runs with --disable-metadata."""
+        from comfy.cli_args import args
+
+        if args.disable_metadata:
+            return None
+        metadata = dict(cls.hidden.extra_pnginfo or {})
+        if cls.hidden.prompt is not None:
+            metadata["prompt"] = cls.hidden.prompt
+        return metadata or None

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-STUBBED = ("comfy_api", "comfy_api.latest", "comfy", "comfy.utils", "comfy.model_management", "folder_paths", "server")
+STUBBED = ("comfy_api", "comfy_api.latest", "comfy", "comfy.utils", "comfy.model_management", "comfy.cli_args",
+           "folder_paths", "server")
 
 
 # ---- comfy_api.latest.io ---------------------------------------------------------------------------------------
@@ -362,13 +363,15 @@ def comfy_stubs(base: Path):
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
     mm = _model_management()
-    comfy.utils, comfy.model_management = utils, mm
+    cli_args = types.ModuleType("comfy.cli_args")
+    cli_args.args = types.SimpleNamespace(disable_metadata=False)  # ComfyUI's --disable-metadata
+    comfy.utils, comfy.model_management, comfy.cli_args = utils, mm, cli_args
     fp = _folder_paths(base)
     server = types.ModuleType("server")
     server.PromptServer = _PromptServer
     _PromptServer.instance = _PromptServer()
     sys.modules.update({"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy, "comfy.utils": utils,
-                        "comfy.model_management": mm, "folder_paths": fp, "server": server})
+                        "comfy.model_management": mm, "comfy.cli_args": cli_args, "folder_paths": fp, "server": server})
     ProgressBar.updates = []
     package_names = []
 
@@ -383,7 +386,7 @@ def comfy_stubs(base: Path):
         return module
 
     try:
-        yield types.SimpleNamespace(io=latest.io, ui=latest.ui, mm=mm, utils=utils, folder_paths=fp,
+        yield types.SimpleNamespace(io=latest.io, ui=latest.ui, mm=mm, utils=utils, args=cli_args.args, folder_paths=fp,
                                     server=_PromptServer.instance, load_package=load_package, base=base)
     finally:
         for name in list(sys.modules):
@@ -398,8 +401,9 @@ def comfy_stubs(base: Path):
         ProgressBar.hook = None
 
 
-def run_node(node_cls, unique_id: str = "7", **inputs):
-    """Validate (constant inputs) then execute a V3 node as ComfyUI does: on a clone with ``hidden`` set."""
+def run_node(node_cls, unique_id: str = "7", hidden: dict | None = None, **inputs):
+    """Validate (constant inputs) then execute a V3 node as ComfyUI does: on a clone with ``hidden`` set
+    (``unique_id`` and, from ``hidden``, e.g. ``prompt`` and ``extra_pnginfo``)."""
     import inspect
 
     validate = getattr(node_cls, "validate_inputs", None)
@@ -409,5 +413,37 @@ def run_node(node_cls, unique_id: str = "7", **inputs):
         if result is not True:
             raise ValueError(f"validation failed: {result}")
     clone = type(node_cls.__name__, (node_cls,), {})
-    clone.hidden = _HiddenHolder(unique_id=unique_id)
+    clone.hidden = _HiddenHolder(unique_id=unique_id, **(hidden or {}))
     return clone.execute(**inputs)
+
+
+def comfy_validate(node_cls, inputs: dict, check_combos: bool = True) -> list[tuple[str, str]]:
+    """The errors ComfyUI's queue-time validation files for constant ``inputs``, as (input name, details).
+
+    Adapted from ``execution.validate_inputs`` of ComfyUI 0.3.64 and 0.33.0 (the same there): inputs not named by
+    the node's ``validate_inputs`` get ComfyUI's own min/max checks (and, from 0.33 on, the combo check, which 0.3.x
+    skips for V3 combos: ``check_combos=False``); when ``validate_inputs`` fails, ComfyUI files its message once
+    under every argument it declares. tests/test_comfyui_server.py checks the same against a real server.
+    """
+    import inspect
+
+    schema = node_cls.GET_SCHEMA()
+    validate = getattr(node_cls, "validate_inputs", None) if "validate_inputs" in vars(node_cls) else None
+    declared = list(inspect.signature(validate).parameters) if validate is not None else []
+    errors = []
+    for spec in schema.inputs:
+        if spec.id not in inputs or spec.id in declared:
+            continue
+        value = inputs[spec.id]
+        if "min" in spec.extra and value < spec.extra["min"]:
+            errors.append((spec.id, f"Value {value} smaller than min of {spec.extra['min']}"))
+        elif "max" in spec.extra and value > spec.extra["max"]:
+            errors.append((spec.id, f"Value {value} bigger than max of {spec.extra['max']}"))
+        elif check_combos and spec.io_type == "COMBO" and value not in spec.options:
+            errors.append((spec.id, f"Value not in list: {spec.id}: '{value}' not in {spec.options}"))
+    if declared:
+        given = {k: v for k, v in inputs.items() if k in declared}
+        result = validate(**given)
+        if result is not True:
+            errors += [(name, f"{name} - {result}") for name in given]
+    return errors

@@ -10,14 +10,19 @@ set, else to a temp folder:
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from comfy_stub import comfy_stubs
 from test_comfyui_server import COMFYUI_DIR, PACKAGE, ROOT, Server, _free_port, _mp4_info
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -49,11 +54,38 @@ const out = { ourErrors: [], pageErrors: [] };
     await page.keyboard.press('Escape');  // the first-run template dialog
     await page.waitForTimeout(300);
     out.extensionLoaded = await page.evaluate(() => window.app.extensions.some((e) => e.name === 'xdit.cogvideo.pool'));
+    // files dropped on ComfyUI: the README's picture (PNG text chunks) and an mp4 from our Save MP4 (container tags)
+    const drop = (b64, name, type, probe) => page.evaluate(async ({ b64, name, type, probe }) => {
+      const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+      await window.app.handleFile(new File([bytes], name, { type }));
+      await new Promise((r) => setTimeout(r, 800));
+      const node = window.app.graph.nodes.find((n) => n.type === probe);
+      return { types: window.app.graph.nodes.map((n) => n.type).sort(), text: node?.widgets?.[0]?.value ?? null };
+    }, { b64, name, type, probe });
+    out.droppedPng = await drop(cfg.png, 'cogvideox_t2v_workflow.png', 'image/png', 'XDiTCogVideoTextEncodeModelT5');
+    out.droppedMp4 = await drop(cfg.mp4, 'CogVideoX_00001_.mp4', 'video/mp4', 'XDiTCogVideoTextEncodeModelT5');
+    await page.evaluate(() => document.querySelectorAll('.p-toast-close-button').forEach((b) => b.click()));
+    await page.waitForTimeout(500);
+    // the shipped workflow as a user drops it: its model (CogVideoX-2b) is not installed here
+    await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, cfg.shipped);
+    await page.waitForTimeout(1500);
+    out.missingFlags = await page.evaluate(() => window.app.graph.nodes.filter((n) => n.xditMissingModel).map((n) => n.xditMissingModel));
+    out.missingToast = await page.evaluate(() => [...document.querySelectorAll('.p-toast-message')].map((e) => e.textContent).join(' | '));
+    out.savedFlag = await page.evaluate(() => JSON.stringify(window.app.graph.serialize()).includes('xditMissingModel'));
+    await page.screenshot({ path: cfg.shots + '/missing.png' });
+    await page.evaluate(() => document.querySelectorAll('.p-toast-close-button').forEach((b) => b.click()));
     await page.evaluate(async (wf) => { await window.app.loadGraphData(wf); }, cfg.workflow);
+    await page.waitForTimeout(500);
+    out.flagsAfter = await page.evaluate(() => window.app.graph.nodes.filter((n) => n.xditMissingModel).length);
     out.nodeTypes = await page.evaluate(() => window.app.graph.nodes.map((n) => n.type).sort());
     await page.click('.xdit-cogvideo-pool-tab-button');
     await page.waitForSelector('.xdit-cogvideo-panel .xdit-state', { timeout: 20000 });
     out.panelBefore = await page.textContent('.xdit-cogvideo-panel');
+    const buttons = () => page.evaluate(() => Object.fromEntries(['refresh', 'stop'].map((k) => {
+      const b = document.querySelector('.xdit-cogvideo-panel .xdit-' + k), st = getComputedStyle(b);
+      return [k, { disabled: b.disabled, opacity: +st.opacity, cursor: st.cursor, border: st.borderStyle }];
+    })));
+    out.buttonsBefore = await buttons();
     await page.evaluate(() => window.app.extensionManager.command.execute('Comfy.Canvas.FitView'));
     await page.waitForTimeout(500);
     await page.evaluate(() => {
@@ -79,6 +111,7 @@ const out = { ourErrors: [], pageErrors: [] };
       return (m && +m[1] >= 5 && document.querySelector('.xdit-cogvideo-panel .xdit-ranks')) || window.__xdit.done;
     }, null, { timeout: 180000, polling: 100 });
     out.panelRunning = await page.textContent('.xdit-cogvideo-panel');
+    out.buttonsRunning = await buttons();
     await page.screenshot({ path: cfg.shots + '/running.png' });
     await page.waitForFunction(() => window.__xdit.done, null, { timeout: 300000 });
     out.result = await page.evaluate(() => window.__xdit.done);
@@ -122,6 +155,13 @@ def _shrink(path: Path) -> None:
     image.quantize(colors=256, method=Image.Quantize.MEDIANCUT).save(path, optimize=True)
 
 
+MARK = "a lighthouse keeper's cat watching the storm (restored from the mp4)"
+
+
+def shipped_prompt(workflow: dict) -> str:
+    return next(n for n in workflow["nodes"] if n["type"] == "XDiTCogVideoTextEncodeModelT5")["widgets_values"][0]
+
+
 def test_ui_workflow_runs_in_browser_with_panel(server, tmp_path):
     workflow = json.loads((ROOT / "workflows" / "ui" / "cogvideox_t2v.json").read_text())
     for node in workflow["nodes"]:  # tiny model, small video, enough steps to watch progress
@@ -134,8 +174,17 @@ def test_ui_workflow_runs_in_browser_with_panel(server, tmp_path):
     shots = Path(os.environ.get("XDIT_SCREENSHOT_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "config.json"
-    config.write_text(json.dumps({"chromium": CHROMIUM, "url": server.url + "/", "workflow": workflow,
-                                  "shots": str(tmp_path)}))
+    shipped = json.loads((ROOT / "workflows" / "ui" / "cogvideox_t2v.json").read_text())
+    marked = json.loads(json.dumps(workflow))
+    next(n for n in marked["nodes"] if n["type"] == "XDiTCogVideoTextEncodeModelT5")["widgets_values"][0] = MARK
+    mp4 = tmp_path / "ours.mp4"
+    with comfy_stubs(tmp_path / "comfy") as c:  # the Save MP4 node's writer, as it runs inside ComfyUI
+        video = sys.modules[c.load_package("xdit_browser_check").__name__ + ".nodes.video"]
+        video.write_mp4(torch.rand(5, 32, 48, 3), str(mp4), fps=8, metadata={"prompt": {}, "workflow": marked})
+    config.write_text(json.dumps({
+        "chromium": CHROMIUM, "url": server.url + "/", "workflow": workflow, "shipped": shipped, "shots": str(tmp_path),
+        "png": base64.b64encode((ROOT / "docs" / "cogvideox_t2v_workflow.png").read_bytes()).decode(),
+        "mp4": base64.b64encode(mp4.read_bytes()).decode()}))
     script = tmp_path / "flow.js"
     script.write_text(FLOW)
     run = subprocess.run(["node", str(script), str(config)], capture_output=True, text=True, timeout=600)
@@ -145,13 +194,29 @@ def test_ui_workflow_runs_in_browser_with_panel(server, tmp_path):
     assert run.returncode == 0, (out, run.stderr[-3000:])
     assert out["extensionLoaded"] and out["ourErrors"] == []
     assert "Not started" in out["panelBefore"]
+    # ComfyUI's own file loader finds the workflow in the README's picture and in our mp4
+    assert "XDiTCogVideoSampler" in out["droppedPng"]["types"] and out["droppedPng"]["text"] == shipped_prompt(shipped)
+    assert "XDiTCogVideoSampler" in out["droppedMp4"]["types"] and out["droppedMp4"]["text"] == MARK
+    # a missing model is marked on load, with what to download and where, and nothing of it is saved
+    assert out["missingFlags"] == ["CogVideoX-2b"] and out["flagsAfter"] == 0 and not out["savedFlag"]
+    assert "CogVideoX-2b" in out["missingToast"] and "models/CogVideo/CogVideoX-2b" in out["missingToast"]
+    assert "Installed now: tiny-2b" in out["missingToast"]
+    # the disabled Stop does not look like the enabled Refresh
+    refresh, stop = out["buttonsBefore"]["refresh"], out["buttonsBefore"]["stop"]
+    assert stop["disabled"] and not refresh["disabled"] and not out["buttonsRunning"]["stop"]["disabled"]
+    assert stop["opacity"] <= 0.5 < refresh["opacity"] and stop["cursor"] == "not-allowed" != refresh["cursor"]
     assert "XDiTCogVideoSampler" in out["nodeTypes"] and "MarkdownNote" in out["nodeTypes"]
     assert out["result"]["type"] == "execution_success", out["result"]
     assert "rank 0" in out["panelRunning"]
+    # one story while a job runs: the job named once with its step, no rank called idle
+    running = " ".join(out["panelRunning"].split())
+    assert re.search(r"current job sample \d+/60", running) and not re.search(r"sample\s*·\s*sample", running), running
+    assert "busy" in running and " idle" not in running, running
     assert "idle" in out["panelDone"] and "tiny-2b" in out["panelDone"]
     videos = sorted((server.base / "output" / "video").glob("CogVideoX_*.mp4"))
     assert videos and _mp4_info(videos[-1]) == ((48, 32), 9)
-    for name, target in (("running.png", "comfyui_t2v_running.png"), ("done.png", "comfyui_t2v_done.png")):
+    for name, target in (("running.png", "comfyui_t2v_running.png"), ("done.png", "comfyui_t2v_done.png"),
+                         ("missing.png", "comfyui_missing_model.png")):
         _shrink(tmp_path / name)
         if shots != tmp_path:
             shutil.copyfile(tmp_path / name, shots / target)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -202,23 +203,35 @@ def test_loads_as_v3_package_with_panel_and_templates(server):
 
     for name, (inputs, outputs, _) in CORE.items():
         real = info[name]
-        assert real["output"] == outputs, name
+        # newer ComfyUI may add outputs (0.33.0's SaveVideo returns VIDEO) or options; the workflows' slots stay valid
+        assert real["output"][:len(outputs)] == outputs, name
         for input_name, type_, optional, constraint in inputs:
-            spec = real["input"]["optional" if optional else "required"][input_name]
+            # 0.33.0: SaveVideo's codec became optional (a sub-input of the format's dynamic combo)
+            spec = real["input"].get("optional" if optional else "required", {}).get(input_name) \
+                or real["input"].get("optional", {})[input_name]
             real_type = spec[0] if isinstance(spec[0], str) else "COMBO"
-            assert real_type == type_, f"{name}.{input_name}"
+            dynamic = real_type == "COMFY_DYNAMICCOMBO_V3"  # 0.33.0: a combo whose options carry more inputs
+            assert ("COMBO" if dynamic else real_type) == type_, f"{name}.{input_name}"
             if type_ == "COMBO" and isinstance(constraint, list):
                 options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
-                assert options == constraint, f"{name}.{input_name}"
+                options = [o["key"] for o in options] if dynamic else options
+                assert set(constraint) <= set(options), f"{name}.{input_name}"
     status, extensions = server.request("/extensions")
     js = [e for e in extensions if "xdit_cogvideo.js" in e]
     assert js == [f"/extensions/{PACKAGE}/xdit_cogvideo.js"]  # served once (WEB_DIRECTORY only)
     assert server.request(js[0])[0] == 200
-    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == [
-        "cogvideox_i2v", "cogvideox_t2v", "cogvideox_t2v_comfy_t5", "cogvideox_t2v_core_loaders", "cogvideox_t2v_lora"]
     assert info["XDiTCogVideoLoraLoader"]["input"]["required"]["lora_name"][1]["options"] == ["tiny-2b-kohya.safetensors"]
-    status, template = server.request(f"/api/workflow_templates/{PACKAGE}/cogvideox_t2v.json")
-    assert status == 200 and template["nodes"]
+    # the template browser shows each file name as title and description, and <name>.jpg as its picture
+    titles = ["CogVideoX image to video (multi-GPU)", "CogVideoX text to video (multi-GPU)",
+              "CogVideoX text to video from core loaders (multi-GPU sampler)",
+              "CogVideoX text to video with Load CLIP T5 (multi-GPU)", "CogVideoX text to video with a LoRA (multi-GPU)"]
+    assert sorted(server.request("/workflow_templates")[1][PACKAGE]) == titles
+    for title in titles:
+        quoted = urllib.parse.quote(title)
+        status, template = server.request(f"/api/workflow_templates/{PACKAGE}/{quoted}.json")
+        assert status == 200 and template["nodes"]
+        status, picture = server.request(f"/api/workflow_templates/{PACKAGE}/{quoted}.jpg")
+        assert status == 200 and picture[:3] == b"\xff\xd8\xff"
 
 
 def test_t2v_api_workflow_writes_the_mp4(server):
@@ -249,18 +262,41 @@ def test_lora_workflow_merges_on_the_workers_and_switches_without_reloading(serv
     assert status == 400 and "was not found in models/loras" in json.dumps(body["node_errors"])
 
 
-def test_own_save_node_instead_of_core_video_nodes(server):
+READ_TAGS = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from comfy_api.latest import InputImpl
+print("RESULT " + json.dumps({p: dict(InputImpl.VideoFromFile(p).get_components().metadata) for p in sys.argv[2:]}))
+"""
+
+
+def test_own_save_node_embeds_the_workflow_as_core_does(server, tmp_path):
     prompt = api_workflow("cogvideox_t2v")
-    create = next(k for k, n in prompt.items() if n["class_type"] == "CreateVideo")
     save = next(k for k, n in prompt.items() if n["class_type"] == "SaveVideo")
-    images = prompt.pop(create)["inputs"]["images"]
-    prompt[save] = {"class_type": "XDiTCogVideoSaveVideo",
+    images = prompt[next(k for k, n in prompt.items() if n["class_type"] == "CreateVideo")]["inputs"]["images"]
+    prompt["99"] = {"class_type": "XDiTCogVideoSaveVideo",
                     "inputs": {"images": images, "fps": 8.0, "filename_prefix": "video/own", "crf": 19}}
-    entry = _run(server, prompt)
+    workflow = json.loads((ROOT / "workflows" / "ui" / "cogvideox_t2v.json").read_text())
+    status, body = server.request("/prompt", {"prompt": prompt, "client_id": "xdit-test",  # as the frontend sends it
+                                              "extra_data": {"extra_pnginfo": {"workflow": workflow}}})
+    assert status == 200, body
+    entry = server.wait(body["prompt_id"])
     assert entry["status"]["status_str"] == "success", entry["status"]
-    (saved,) = entry["outputs"][save]["images"]
-    assert saved["subfolder"] == "video" and entry["outputs"][save]["animated"] == [True]
-    assert _mp4_info(server.base / "output" / "video" / saved["filename"]) == ((48, 32), 9)
+    (saved,) = entry["outputs"]["99"]["images"]
+    assert saved["subfolder"] == "video" and entry["outputs"]["99"]["animated"] == [True]
+    ours = server.base / "output" / "video" / saved["filename"]
+    assert _mp4_info(ours) == ((48, 32), 9)
+    (core,) = entry["outputs"][save]["images"]
+    core = server.base / "output" / core["subfolder"] / core["filename"]
+    # ComfyUI's own video loader reads the same prompt and workflow tags from our file as from core's SaveVideo's
+    run = subprocess.run([COMFYUI_PYTHON, "-c", READ_TAGS, COMFYUI_DIR, str(ours), str(core)], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    lines = [l for l in run.stdout.splitlines() if l.startswith("RESULT ")]
+    assert run.returncode == 0 and lines, run.stderr[-3000:]
+    tags = json.loads(lines[-1][7:])
+    for key in ("prompt", "workflow"):
+        assert json.loads(tags[str(ours)][key]) == json.loads(tags[str(core)][key]), key
+    assert json.loads(tags[str(ours)]["workflow"]) == workflow and json.loads(tags[str(ours)]["prompt"])["99"]
 
 
 def test_i2v_api_workflow_writes_the_mp4(server):
@@ -362,14 +398,24 @@ def test_interrupt_then_next_job_succeeds(server):
 
 def test_bad_inputs_give_clear_errors(server):
     # rejected by validation at POST /prompt
+    def only_error(body) -> tuple[str, str, str]:
+        """Each mistake is filed once, under the input it belongs to: (node class, input name, details)."""
+        ((node, (error,)),) = [(e["class_type"], e["errors"]) for e in body["node_errors"].values()]
+        return node, error["extra_info"]["input_name"], error["details"]
+
     status, body = server.queue(api_workflow("cogvideox_t2v", frames=8))
     assert status == 400 and body["error"]["type"] == "prompt_outputs_failed_validation"
-    (errors,) = [e["errors"] for e in body["node_errors"].values() if e["class_type"] == "XDiTCogVideoSampler"]
-    assert "frames must be 4k+1" in errors[0]["details"]
+    node, name, details = only_error(body)
+    assert (node, name) == ("XDiTCogVideoSampler", "frames") and "frames must be 4k+1" in details
+    status, body = server.queue(api_workflow("cogvideox_t2v", width=8))
+    assert status == 400 and only_error(body)[:2] == ("XDiTCogVideoSampler", "width")
     status, body = server.queue(api_workflow("cogvideox_t2v", devices="gpu please"))
-    assert status == 400 and "cannot parse" in json.dumps(body["node_errors"])
+    node, name, details = only_error(body)
+    assert status == 400 and (node, name) == ("XDiTCogVideoParallelConfig", "devices") and "cannot parse" in details
     status, body = server.queue(api_workflow("cogvideox_t2v", model="CogVideoX-2b"))
-    assert status == 400 and "was not found in models/CogVideo" in json.dumps(body["node_errors"])
+    node, name, details = only_error(body)
+    assert status == 400 and (node, name) == ("XDiTCogVideoModelLoader", "model")
+    assert "was not found in models/CogVideo" in details
     # accepted, then refused by the model before the pool runs: the error is in the history
     entry = _run(server, api_workflow("cogvideox_t2v", model="tiny-5b-i2v", seed=4))
     assert entry["status"]["status_str"] == "error"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_stub import ROOT, comfy_stubs, run_node
+from comfy_stub import ROOT, comfy_stubs, comfy_validate, run_node
 
 DEVICES = "cpu:1"
 
@@ -194,12 +194,16 @@ def test_model_lists(comfy):
 def test_loader_validation_and_errors(comfy):
     loader = comfy.by_id["XDiTCogVideoModelLoader"]
     assert "was not found" in loader.validate_inputs(model="nope")
-    assert "precision must be one of" in loader.validate_inputs(model="tiny-2b", precision="fp8")
-    assert "attention must be one of" in loader.validate_inputs(model="tiny-2b", attention="xformers")
-    assert "vae" in loader.validate_inputs(model="tiny-2b", vae="missing.safetensors")
-    assert loader.validate_inputs(model="tiny-2b", vae="(from model folder)", precision="bf16", attention="auto")
+    assert loader.validate_inputs(model="tiny-2b") is True
     assert loader.validate_inputs(model="../../etc") != True  # noqa: E712  (no escaping the model folders)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        run_node(loader, model="tiny-2b", precision="fp8")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        run_node(loader, model="tiny-2b", attention="xformers")
     from comfyui_xdit_cogvideo import ModelError
+
+    with pytest.raises(ModelError, match="vae 'missing.safetensors' not found"):
+        run_node(loader, model="tiny-2b", vae="missing.safetensors")
 
     with pytest.raises(ModelError, match="config.json"):
         run_node(loader, model="broken")
@@ -284,24 +288,55 @@ def test_parallel_config_validation(comfy, parallel, monkeypatch):
 
     monkeypatch.setattr(devices, "cpu_count", lambda: 4)
     node = comfy.by_id["XDiTCogVideoParallelConfig"]
-    assert "cannot parse" in node.validate_inputs(devices="gpu please", cfg="auto", ulysses="auto", ring="auto")
-    assert "no CUDA GPU" in node.validate_inputs(devices="0,1", cfg="auto", ulysses="auto", ring="auto")
-    assert "= 8 ranks" in node.validate_inputs(devices="cpu:2", cfg="2", ulysses="2", ring="2")
-    assert "ulysses must be one of" in node.validate_inputs(devices="cpu:2", ulysses="16")
-    assert node.validate_inputs(devices="cpu:4", cfg="2", ulysses="auto", ring="2") is True
-    assert "asks for 5 CPU ranks" in node.validate_inputs(devices="cpu:5", cfg="auto", ulysses="auto", ring="auto")
-    # a degree the devices cannot hold is refused here, before any node touches the running pool
-    assert "needs a multiple of 4 ranks" in node.validate_inputs(devices="cpu:2", cfg="auto", ulysses="4", ring="auto")
+    assert "cannot parse" in node.validate_inputs(devices="gpu please")
+    assert "no CUDA GPU" in node.validate_inputs(devices="0,1")
+    assert "asks for 5 CPU ranks" in node.validate_inputs(devices="cpu:5")
     # a workflow opens the pool to other hosts only where the host allows it
     monkeypatch.delenv("XDIT_COGVIDEO_ALLOW_LISTEN", raising=False)
-    assert "XDIT_COGVIDEO_ALLOW_LISTEN=1" in node.validate_inputs(devices="listen://127.0.0.1:29600?world=2", cfg="2")
+    assert "XDIT_COGVIDEO_ALLOW_LISTEN=1" in node.validate_inputs(devices="listen://127.0.0.1:29600?world=2")
     monkeypatch.setenv("XDIT_COGVIDEO_ALLOW_LISTEN", "1")
-    assert node.validate_inputs(devices="listen://127.0.0.1:29600?world=2", cfg="2") is True
+    assert node.validate_inputs(devices="listen://127.0.0.1:29600?world=2") is True
+    # the degrees (combos, and their product against the devices) are refused when the node runs: it runs before
+    # any node that uses its output touches the pool
+    check = comfy.nodes.parallel.check_config
+    assert "= 8 ranks" in check(devices="cpu:2", cfg="2", ulysses="2", ring="2")
+    assert "ulysses must be one of" in check(devices="cpu:2", cfg="auto", ulysses="16", ring="auto")
+    assert "needs a multiple of 4 ranks" in check(devices="cpu:2", cfg="auto", ulysses="4", ring="auto")
+    assert check(devices="cpu:4", cfg="2", ulysses="auto", ring="2") is None
+    with pytest.raises(ValueError, match="= 8 ranks"):
+        run_node(node, devices="cpu:2", cfg="2", ulysses="2", ring="2")
     assert (parallel.devices, parallel.cfg, parallel.ulysses, parallel.ring) == (DEVICES, None, None, None)
     (explicit,) = run_node(node, devices="cpu:4", cfg="2", ulysses="auto", ring="2").args
     assert (explicit.cfg, explicit.ulysses, explicit.ring, explicit.explicit) == (2, None, 2, True)
     assert parallel.memory == "auto" and run_node(node, devices="cpu:2", memory="low").args[0].memory == "low"
-    assert "memory must be one of auto, fast, low, offload" in node.validate_inputs(devices="cpu:2", memory="tiny")
+    with pytest.raises(ValueError, match="memory must be one of auto, fast, low, offload"):
+        run_node(node, devices="cpu:2", memory="tiny")
+
+
+def _widgets(comfy, node_id: str, **changes) -> dict:
+    """Every widget input of a node at its default, as a workflow sends them, with ``changes``."""
+    schema = comfy.by_id[node_id].GET_SCHEMA()
+    values = {i.id: i.default if i.default is not None else (i.options or [None])[0] for i in schema.inputs
+              if i.is_widget}
+    return {**values, **changes}
+
+
+@pytest.mark.parametrize("check_combos", [False, True], ids=["0.3.x", "0.33"])
+def test_each_mistake_is_reported_once_on_its_input(comfy, check_combos):
+    def errors(node_id, **changes):
+        return comfy_validate(comfy.by_id[node_id], _widgets(comfy, node_id, **changes), check_combos)
+
+    assert errors("XDiTCogVideoSampler") == []
+    ((name, details),) = errors("XDiTCogVideoSampler", frames=8)
+    assert name == "frames" and "frames must be 4k+1" in details and "got 8" in details
+    assert [e[0] for e in errors("XDiTCogVideoSampler", width=8)] == ["width"]
+    assert errors("XDiTCogVideoModelLoader", model="tiny-2b") == []
+    ((name, details),) = errors("XDiTCogVideoModelLoader", model="CogVideoX-2b")
+    assert name == "model" and "'CogVideoX-2b' was not found in models/CogVideo" in details
+    assert [e[0] for e in errors("XDiTCogVideoModelLoader", model="tiny-2b", precision="fp8")] == \
+        (["precision"] if check_combos else [])  # 0.3.x: refused by execute instead (above)
+    ((name, details),) = errors("XDiTCogVideoParallelConfig", devices="gpu please")
+    assert name == "devices" and "cannot parse" in details
 
 
 # ---- text ---------------------------------------------------------------------------------------------------------
@@ -496,8 +531,10 @@ def test_memory_plan_from_the_parallel_config_reaches_the_pool(comfy, spec, embe
 def test_sampler_rejects_bad_inputs_before_running(comfy, spec, embeds, parallel):
     sampler = comfy.by_id["XDiTCogVideoSampler"]
     assert "4k+1" in sampler.validate_inputs(frames=8)
-    assert "multiple of 16" in sampler.validate_inputs(width=50)
-    assert "scheduler must be one of" in sampler.validate_inputs(scheduler="euler")
+    with pytest.raises(ValueError, match="width must be a multiple of 16 .* got 50"):
+        sample(comfy, spec, embeds, parallel, width=50)
+    with pytest.raises(ValueError, match="scheduler must be one of"):
+        sample(comfy, spec, embeds, parallel, scheduler="euler")
     from comfyui_xdit_cogvideo import LayoutError, RequestError
 
     with pytest.raises(RequestError, match="text-to-video model and takes no start image"):
@@ -627,3 +664,51 @@ def test_a_layout_the_model_cannot_run_leaves_the_warm_pool_alone(comfy, spec, e
                  width=48, height=32, frames=9, steps=1, parallel=bad)
     assert common.current_pool() is warm and [r["pid"] for r in warm.status()["ranks"]] == pids
     assert warm.status()["state"] == "idle"
+
+
+def _container_tags(path: Path) -> dict:
+    """The container's global tags, read back by ffmpeg (FFMETADATA1, backslash escapes undone)."""
+    import imageio_ffmpeg
+
+    run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata", "-"],
+                         capture_output=True, text=True, check=True)
+    tags, key, value, escaped, in_value = {}, "", "", False, False
+    for c in run.stdout.split("\n", 1)[1]:
+        if escaped:
+            value, key = (value + c, key) if in_value else (value, key + c)
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif c == "=" and not in_value:
+            in_value = True
+        elif c == "\n":
+            if key:
+                tags[key] = value
+            key, value, in_value = "", "", False
+        else:
+            value, key = (value + c, key) if in_value else (value, key + c)
+    return tags
+
+
+def test_save_node_embeds_prompt_and_workflow_like_core(comfy, tmp_path):
+    save = comfy.by_id["XDiTCogVideoSaveVideo"]
+    assert {h.value for h in save.GET_SCHEMA().hidden} == {"PROMPT", "EXTRA_PNGINFO"}  # what core's SaveVideo asks
+    workflow = {"nodes": [{"id": 1, "widgets_values": ["a = b; c # d \\ e\nf", "ünï"]}], "links": []}
+    prompt = {"5": {"class_type": "XDiTCogVideoSampler", "inputs": {"seed": 7}}}
+    hidden = {"prompt": prompt, "extra_pnginfo": {"workflow": workflow}}
+    out = run_node(save, "9", hidden=hidden, images=torch.rand(5, 32, 48, 3), fps=8.0, filename_prefix="meta/t",
+                   crf=19)
+    path = comfy.base / "output" / "meta" / out.ui.as_dict()["images"][0]["filename"]
+    tags = _container_tags(path)
+    assert json.loads(tags["workflow"]) == workflow and json.loads(tags["prompt"]) == prompt
+    data = path.read_bytes()
+    assert data.index(b"moov") < data.index(b"mdat")  # tags readable from the file's start (a browser reads the head)
+    assert os.listdir(path.parent) == [path.name]  # no temporary file left
+    comfy.args.disable_metadata = True  # ComfyUI --disable-metadata
+    try:
+        out = run_node(save, "9", hidden=hidden, images=torch.rand(5, 32, 48, 3), fps=8.0, filename_prefix="meta/t",
+                       crf=19)
+    finally:
+        comfy.args.disable_metadata = False
+    tags = _container_tags(path.parent / out.ui.as_dict()["images"][0]["filename"])
+    assert "workflow" not in tags and "prompt" not in tags

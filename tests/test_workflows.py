@@ -104,9 +104,27 @@ def test_workflow_files_exist():
     assert [p.name for p in _files(UI_DIR)] == ["cogvideox_i2v.json", "cogvideox_t2v.json", "cogvideox_t2v_comfy_t5.json",
                                                 "cogvideox_t2v_core_loaders.json", "cogvideox_t2v_lora.json"]
     assert [p.name for p in _files(API_DIR)] == [p.stem + "_api.json" for p in _files(UI_DIR)]
-    for path in _files(UI_DIR):  # the template browser's copies are the same files
-        assert (EXAMPLES / path.name).read_bytes() == path.read_bytes()
+    build = _builder()
+    # the template browser's copies are the same files, named by their titles (all it shows), each with a thumbnail
+    assert sorted(p.stem for p in _files(EXAMPLES)) == sorted(build.TITLES.values())
+    assert sorted(p.stem for p in EXAMPLES.glob("*.jpg")) == sorted(build.TITLES.values())
+    for path in _files(UI_DIR):
+        assert (EXAMPLES / f"{build.TITLES[path.stem]}.json").read_bytes() == path.read_bytes()
     assert not list((ROOT / "workflows").glob("*.json")), "JSON directly in workflows/ would be listed as templates"
+
+
+@pytest.mark.parametrize("name", ["cogvideox_t2v", "cogvideox_i2v", "cogvideox_t2v_comfy_t5", "cogvideox_t2v_lora",
+                                  "cogvideox_t2v_core_loaders"])
+def test_template_thumbnails_are_small_title_cards_drawn_by_the_builder(name):
+    from PIL import Image, ImageChops, ImageStat
+
+    build = _builder()
+    graph = next(g for g in build.graphs() if g.name == name)
+    path = EXAMPLES / f"{build.TITLES[name]}.jpg"
+    shipped = Image.open(path)
+    assert shipped.format == "JPEG" and shipped.size == build.THUMBNAIL_SIZE and path.stat().st_size < 30_000
+    drawn = build.thumbnail(graph)  # the same picture up to JPEG loss (and font rendering across Pillow versions)
+    assert max(ImageStat.Stat(ImageChops.difference(drawn, shipped.convert("RGB"))).mean) < 6
 
 
 @pytest.mark.parametrize("path", _files(UI_DIR), ids=lambda p: p.name)
@@ -198,10 +216,25 @@ def test_ui_and_api_formats_describe_the_same_graph(path, specs):
     assert ui_edges == api_edges
 
 
-def test_builder_reproduces_the_shipped_files():
+def _builder():
     spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "workflows" / "build_workflows.py")
     build = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(build)
+    return build
+
+
+def test_builder_reproduces_the_shipped_files():
+    build = _builder()
     for graph in build.graphs():
         assert json.loads((UI_DIR / f"{graph.name}.json").read_text()) == graph.ui()
         assert json.loads((API_DIR / f"{graph.name}_api.json").read_text()) == graph.api
+
+
+def test_readme_picture_carries_the_workflow_as_comfyui_saves_it():
+    from PIL import Image
+
+    picture = Image.open(ROOT / "docs" / "cogvideox_t2v_workflow.png")
+    assert picture.format == "PNG" and (ROOT / "docs" / "cogvideox_t2v_workflow.png").stat().st_size < 60_000
+    assert json.loads(picture.text["workflow"]) == json.loads((UI_DIR / "cogvideox_t2v.json").read_text())
+    assert json.loads(picture.text["prompt"]) == json.loads((API_DIR / "cogvideox_t2v_api.json").read_text())
+    assert "cogvideox_t2v_workflow.png" in (ROOT / "README.md").read_text()

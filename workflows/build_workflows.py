@@ -3,7 +3,8 @@
     python workflows/build_workflows.py
 
 UI files go to workflows/ui/ and are copied to example_workflows/ (ComfyUI's template browser lists those under
-Workflow > Browse Templates); API files go to workflows/api/. tests/test_workflows.py checks every file against
+Workflow > Browse Templates) under their template title, beside a small thumbnail drawn here from the graph;
+API files go to workflows/api/. tests/test_workflows.py checks every file against
 the node schemas, so edit the graphs here and re-run rather than editing the JSON by hand.
 """
 
@@ -155,6 +156,79 @@ on the MODEL cannot follow (use the xDiT loader and LoRA nodes). The sampler's L
 `models/CogVideo/` for the *xDiT CogVideoX Model Loader* instead. Prompts over 225 T5 tokens are cut to 226 tokens
 (diffusers cuts the tokens; core does not), so long prompts differ slightly from diffusers.
 """ + NOTE_COMMON
+
+
+# Template titles. ComfyUI's template browser (frontend 1.27 and 1.49, ComfyUI 0.3.64 and 0.33.0) reads nothing
+# but the file names of a custom node's example_workflows/: ``<name>.json`` is the workflow, ``<name>.jpg`` its
+# thumbnail, and the name is shown as the title and (with - and _ as spaces) as the description.
+TITLES = {
+    "cogvideox_t2v": "CogVideoX text to video (multi-GPU)",
+    "cogvideox_i2v": "CogVideoX image to video (multi-GPU)",
+    "cogvideox_t2v_comfy_t5": "CogVideoX text to video with Load CLIP T5 (multi-GPU)",
+    "cogvideox_t2v_lora": "CogVideoX text to video with a LoRA (multi-GPU)",
+    "cogvideox_t2v_core_loaders": "CogVideoX text to video from core loaders (multi-GPU sampler)",
+}
+CARDS = {  # what the thumbnail says: headline, subtitle
+    "cogvideox_t2v": ("CogVideoX text to video", "model's own T5 · multi-GPU (Ulysses / Ring / CFG)"),
+    "cogvideox_i2v": ("CogVideoX image to video", "5b-I2V, start frame · multi-GPU (Ulysses / Ring / CFG)"),
+    "cogvideox_t2v_comfy_t5": ("CogVideoX text to video", "ComfyUI's Load CLIP T5 · multi-GPU (Ulysses / Ring / CFG)"),
+    "cogvideox_t2v_lora": ("CogVideoX text to video", "with a LoRA · multi-GPU (Ulysses / Ring / CFG)"),
+    "cogvideox_t2v_core_loaders": ("CogVideoX text to video", "core ComfyUI loaders · xDiT multi-GPU sampler"),
+}
+THUMBNAIL_SIZE = (384, 256)
+_COLOURS = {"MarkdownNote": ((101, 85, 51), (67, 51, 34))}  # (fill, title bar); ours blue, core grey
+_OURS, _CORE = ((52, 72, 110), (70, 100, 160)), ((70, 70, 70), (100, 100, 100))
+
+
+def thumbnail(graph: "Graph", size: tuple[int, int] = THUMBNAIL_SIZE):
+    """A title card for the template browser: the workflow's nodes and links in miniature under its title."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    width, height = size
+    k = width / THUMBNAIL_SIZE[0]
+    image = Image.new("RGB", size, (24, 26, 32))
+    draw = ImageDraw.Draw(image)
+    left = min(n["pos"][0] for n in graph.nodes)
+    top = min(n["pos"][1] for n in graph.nodes)
+    right = max(n["pos"][0] + n["size"][0] for n in graph.nodes)
+    bottom = max(n["pos"][1] + n["size"][1] for n in graph.nodes)
+    band = 70 * k
+    scale = min((width - 24 * k) / (right - left), (height - band - 20 * k) / (bottom - top))
+    ox, oy = (width - (right - left) * scale) / 2, 12 * k
+
+    def box(node):
+        x, y = ox + (node["pos"][0] - left) * scale, oy + (node["pos"][1] - top) * scale
+        return x, y, x + node["size"][0] * scale, y + node["size"][1] * scale
+
+    boxes = {n["id"]: box(n) for n in graph.nodes}
+    for _, src, _, dst, _, _ in graph.links:
+        x0, y0, x1, y1 = boxes[src]
+        a0, b0, _, _ = boxes[dst]
+        draw.line([(x1, y0 + 8 * k), (a0, b0 + 8 * k)], fill=(150, 160, 190), width=round(2 * k))
+    for node in graph.nodes:
+        fill, bar = _COLOURS.get(node["type"], _OURS if node["type"].startswith("XDiT") else _CORE)
+        x0, y0, x1, y1 = boxes[node["id"]]
+        draw.rounded_rectangle((x0, y0, x1, y1), radius=3 * k, fill=fill, outline=(16, 16, 20))
+        draw.rectangle((x0 + 1, y0 + 1, x1 - 1, min(y1 - 1, y0 + 6 * k)), fill=bar)
+        if k >= 2:  # large enough to name the nodes
+            label = (node.get("title") or DISPLAY.get(node["type"], node["type"])).replace("xDiT CogVideoX ", "")
+            draw.text((x0 + 4 * k, y0 + 9 * k), label, fill=(220, 225, 235), font=ImageFont.load_default(size=6 * k))
+    draw.rectangle((0, height - band, width, height), fill=(14, 16, 22))
+    headline, subtitle = CARDS[graph.name]
+    draw.text((14 * k, height - band + 10 * k), headline, fill=(235, 238, 245), font=ImageFont.load_default(size=22 * k))
+    draw.text((14 * k, height - band + 42 * k), subtitle, fill=(150, 180, 235), font=ImageFont.load_default(size=13 * k))
+    return image
+
+
+def workflow_picture(graph: "Graph"):
+    """(PNG image, its text chunks) as ComfyUI's SaveImage writes them: "prompt" (API format) and "workflow" (UI
+    format), each as JSON, so that dropping the picture on ComfyUI loads the workflow."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", json.dumps(graph.api))
+    info.add_text("workflow", json.dumps(graph.ui()))
+    return thumbnail(graph, (THUMBNAIL_SIZE[0] * 2, THUMBNAIL_SIZE[1] * 2)), info
 
 
 class Graph:
@@ -332,12 +406,17 @@ def main() -> None:
     (HERE / "api").mkdir(exist_ok=True)
     examples = ROOT / "example_workflows"
     examples.mkdir(exist_ok=True)
+    for old in list(examples.glob("*.json")) + list(examples.glob("*.jpg")):
+        old.unlink()
     for graph in graphs():
         ui_path = HERE / "ui" / f"{graph.name}.json"
         ui_path.write_text(json.dumps(graph.ui(), indent=2) + "\n")
         (HERE / "api" / f"{graph.name}_api.json").write_text(json.dumps(graph.api, indent=2) + "\n")
-        shutil.copyfile(ui_path, examples / ui_path.name)
+        shutil.copyfile(ui_path, examples / f"{TITLES[graph.name]}.json")
+        thumbnail(graph).save(examples / f"{TITLES[graph.name]}.jpg", quality=85, optimize=True)
         print("wrote", graph.name)
+    picture, info = workflow_picture(t2v(True))
+    picture.quantize(colors=64).save(ROOT / "docs" / "cogvideox_t2v_workflow.png", pnginfo=info, optimize=True)
 
 
 if __name__ == "__main__":
