@@ -79,10 +79,13 @@ def ffmpeg_exe() -> str:
     return exe
 
 
-def write_video(path: str | Path, frames, fps: float = 8, crf: int = 18, codec: str = "libx264") -> Path:
+def write_video(path: str | Path, frames, fps: float = 8, crf: int = 18, codec: str = "libx264",
+                metadata: dict | None = None) -> Path:
     """Write H.264 video (yuv420p) to ``path`` (.mp4, .mov or .mkv). Odd sizes are padded by one edge pixel.
 
-    Raises ValueError for bad frames or fps and VideoWriteError when ffmpeg fails or leaves no file.
+    ``metadata``: container tags, one value each (non-strings stored as JSON), e.g. ComfyUI's ``prompt`` and
+    ``workflow``, so dropping the file on ComfyUI restores the graph. Raises ValueError for bad frames or fps and
+    VideoWriteError when ffmpeg fails or leaves no file.
     """
     fps = check_fps(fps)
     data = to_uint8(frames)
@@ -97,18 +100,40 @@ def write_video(path: str | Path, frames, fps: float = 8, crf: int = 18, codec: 
     path = check_video_path(path)
     partial = path.with_name(f".{path.stem}.partial{os.getpid()}{path.suffix}")
     height, width = data.shape[1:3]
-    faststart = ["-movflags", "+faststart"] if path.suffix.lower() in (".mp4", ".mov") else []
+    tags = path.with_name(f".{path.stem}.tags{os.getpid()}.txt") if metadata else None
+    movflags = "+faststart" + ("+use_metadata_tags" if metadata else "")
+    mov = ["-movflags", movflags] if path.suffix.lower() in (".mp4", ".mov") else []
+    tag_input = ["-f", "ffmetadata", "-i", str(tags)] if tags else []
+    tag_map = ["-map", "0:v", "-map_metadata", "1"] if tags else []
     cmd = [ffmpeg_exe(), "-y", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24",
-           "-s", f"{width}x{height}", "-r", f"{fps:g}", "-i", "-", "-an", "-c:v", codec, "-pix_fmt", "yuv420p",
-           "-crf", str(int(crf)), *faststart, str(partial)]
+           "-s", f"{width}x{height}", "-r", f"{fps:g}", "-i", "-", *tag_input, *tag_map, "-an", "-c:v", codec,
+           "-pix_fmt", "yuv420p", "-crf", str(int(crf)), *mov, str(partial)]
     try:
+        if tags:
+            tags.write_text(ffmetadata(metadata), encoding="utf-8")
         _run_ffmpeg(cmd, data, path)
         if not partial.is_file() or partial.stat().st_size == 0:
             raise VideoWriteError(f"ffmpeg exited without error but left {str(path)!r} missing or empty")
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+        if tags:
+            tags.unlink(missing_ok=True)
     return path
+
+
+def ffmetadata(metadata: dict) -> str:
+    """An ffmpeg FFMETADATA1 file: each value as JSON unless a string (as ComfyUI's SaveVideo stores its tags);
+    ``= ; # \\`` and newlines escaped."""
+    import json
+
+    def escape(text: str) -> str:
+        return "".join("\\" + c if c in "=;#\\\n" else c for c in text)
+
+    lines = [";FFMETADATA1"]
+    lines += [f"{escape(str(key))}={escape(value if isinstance(value, str) else json.dumps(value))}"
+              for key, value in metadata.items()]
+    return "\n".join(lines) + "\n"
 
 
 def _run_ffmpeg(cmd: list[str], data: np.ndarray, shown: Path) -> None:

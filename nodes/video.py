@@ -60,70 +60,17 @@ class Decode(io.ComfyNode):
         return io.NodeOutput(images.float().cpu().clamp(0, 1).contiguous())
 
 
-def _ffmetadata(metadata: dict) -> str:
-    """An ffmpeg FFMETADATA1 file: each value as JSON, as core's SaveVideo stores it; = ; # \\ and newlines escaped."""
-    import json
-
-    def escape(text: str) -> str:
-        return "".join("\\" + c if c in "=;#\\\n" else c for c in text)
-
-    lines = [";FFMETADATA1"]
-    lines += [f"{escape(str(key))}={escape(value if isinstance(value, str) else json.dumps(value))}"
-              for key, value in metadata.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _add_metadata(source: str, path: str, metadata: dict) -> None:
-    """Copy ``source`` into ``path`` with container tags ``metadata`` (moov first, so a browser finds them early)."""
-    import subprocess
-    import tempfile
-
-    import imageio_ffmpeg
-
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", encoding="utf-8", delete=False) as tags:
-        tags.write(_ffmetadata(metadata))
-    try:
-        run = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", source, "-f", "ffmetadata",
-                              "-i", tags.name, "-map", "0", "-map_metadata", "1", "-c", "copy",
-                              "-movflags", "use_metadata_tags+faststart", path], capture_output=True, text=True)
-    finally:
-        os.unlink(tags.name)
-    if run.returncode != 0 or not os.path.exists(path) or os.path.getsize(path) == 0:
-        detail = (run.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"ffmpeg could not write {path}: {detail}")
-
-
 def write_mp4(images: torch.Tensor, path: str, fps: float, crf: int = 19, metadata: dict | None = None) -> None:
-    """[F, H, W, 3] floats in 0..1 -> H.264 mp4 (yuv420p) with imageio-ffmpeg; odd sizes are edge-padded.
+    """[F, H, W, 3] floats in 0..1 -> H.264 mp4 through the engine's checked writer (a failed ffmpeg raises).
 
     ``metadata`` (e.g. ``{"prompt": ..., "workflow": ...}``) goes into the container's tags, one JSON value per key,
-    as core's SaveVideo writes them (``movflags use_metadata_tags``): dropping the file on ComfyUI restores the graph.
+    as core's SaveVideo writes them: dropping the file on ComfyUI restores the graph.
     """
-    import imageio_ffmpeg
-    import numpy as np
+    from comfyui_xdit_cogvideo.video import write_video
 
     if images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [frames, height, width, 3], got {list(images.shape)}")
-    frames = (images.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    height, width = frames.shape[1:3]
-    target, path = path, (f"{path}.part.mp4" if metadata else path)
-    writer = imageio_ffmpeg.write_frames(path, (width, height), fps=float(fps), codec="libx264",
-                                         pix_fmt_out="yuv420p", macro_block_size=1, quality=None,
-                                         output_params=["-crf", str(int(crf))], ffmpeg_log_level="error")
-    writer.send(None)
-    try:
-        for frame in frames:
-            writer.send(np.ascontiguousarray(frame))
-    finally:
-        writer.close()
-    if metadata:
-        try:
-            _add_metadata(path, target, metadata)
-        finally:
-            os.unlink(path)
+    write_video(path, images, fps=fps, crf=crf, metadata=metadata or None)
 
 
 class SaveVideo(io.ComfyNode):

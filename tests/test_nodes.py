@@ -712,3 +712,15 @@ def test_save_node_embeds_prompt_and_workflow_like_core(comfy, tmp_path):
         comfy.args.disable_metadata = False
     tags = _container_tags(path.parent / out.ui.as_dict()["images"][0]["filename"])
     assert "workflow" not in tags and "prompt" not in tags
+
+
+def test_save_node_writer_fails_loudly_when_ffmpeg_cannot_write(comfy, tmp_path):
+    """The node shares the engine's checked writer: a failed ffmpeg raises instead of leaving no file silently."""
+    from comfyui_xdit_cogvideo.video import VideoWriteError
+
+    video = sys.modules[comfy.pkg.__name__ + ".nodes.video"]
+    target = tmp_path / "taken.mp4"
+    target.mkdir()  # a folder where the file should go, and a frame rate ffmpeg refuses
+    with pytest.raises((VideoWriteError, ValueError, OSError), match="taken.mp4|fps"):
+        video.write_mp4(torch.rand(3, 32, 48, 3), str(target), fps=-5)
+    assert target.is_dir() and not list(tmp_path.glob("*.partial*"))
