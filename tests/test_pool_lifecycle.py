@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import psutil
@@ -17,36 +16,14 @@ import pytest
 import torch
 
 from comfyui_xdit_cogvideo.pool import get_pool, shutdown_pool, worker_environment
-from comfyui_xdit_cogvideo.pool.channel import AuthError, Channel, ChannelClosed, listen
+from comfyui_xdit_cogvideo.pool.channel import AuthError, Channel, ChannelClosed
+from channels import channel_pair
 
 pytestmark = pytest.mark.timeout(180)
 
 
-def _pair(key_a: bytes = b"k", key_b: bytes = b"k"):
-    server = listen("127.0.0.1", 0)
-    port = server.getsockname()[1]
-    result = {}
-
-    def accept():
-        sock, _ = server.accept()
-        try:
-            result["channel"] = Channel.accept(sock, key_a, timeout=5)
-        except Exception as error:  # noqa: BLE001 - handed to the test
-            result["error"] = error
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    try:
-        client = Channel.connect("127.0.0.1", port, key_b, timeout=5)
-    except Exception as error:  # noqa: BLE001
-        client = error
-    thread.join()
-    server.close()
-    return result.get("channel", result.get("error")), client
-
-
 def test_channel_round_trips_plain_values_and_tensors():
-    a, b = _pair()
+    a, b = channel_pair(b"k", b"k")
     message = {
         "op": "job", "id": 3, "nested": [1, 2.5, None, True, ("t", b"raw")],
         "f32": torch.randn(2, 3), "bf16": torch.randn(4, 5).bfloat16(), "i64": torch.arange(7),
@@ -72,7 +49,7 @@ def test_channel_round_trips_plain_values_and_tensors():
 
 
 def test_channel_refuses_a_wrong_key():
-    server_side, client_side = _pair(b"right", b"wrong")
+    server_side, client_side = channel_pair(b"right", b"wrong")
     assert isinstance(server_side, AuthError) or isinstance(client_side, AuthError)
     for end in (server_side, client_side):
         if isinstance(end, Channel):

@@ -20,7 +20,8 @@ import torch
 
 from comfyui_xdit_cogvideo.errors import AuthError, PoolError
 from comfyui_xdit_cogvideo.pool import controller
-from comfyui_xdit_cogvideo.pool.channel import Channel, FrameReader, encode_frame, free_port, listen
+from comfyui_xdit_cogvideo.pool.channel import Channel, FrameReader, encode_frame, free_port
+from channels import channel_pair
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,32 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 KEY = b"k" * 32
 
 
-def _pair(key_a: bytes, key_b: bytes):
-    server = listen("127.0.0.1", 0)
-    port = server.getsockname()[1]
-    result = {}
-
-    def accept():
-        sock, _ = server.accept()
-        try:
-            result["channel"] = Channel.accept(sock, key_a, timeout=5)
-        except Exception as error:  # noqa: BLE001 - handed to the test
-            result["error"] = error
-
-    thread = threading.Thread(target=accept)
-    thread.start()
-    try:
-        client = Channel.connect("127.0.0.1", port, key_b, timeout=5)
-    except Exception as error:  # noqa: BLE001
-        client = error
-    thread.join()
-    server.close()
-    return result.get("channel", result.get("error")), client
-
-
 @pytest.mark.parametrize("worker_key", [b"w" * 32, b"", KEY[:-1] + b"x"])
 def test_a_worker_with_a_wrong_or_empty_key_is_refused(worker_key):
-    controller_end, worker_end = _pair(KEY, worker_key)
+    controller_end, worker_end = channel_pair(KEY, worker_key)
     assert isinstance(controller_end, AuthError) and "key mismatch" in str(controller_end)
     assert not isinstance(worker_end, Channel)  # the controller never proved itself to an unproven worker
 
