@@ -73,7 +73,7 @@ function lorasText(model) {
 }
 
 function layoutText(layout) {
-  if (Array.isArray(layout) && layout.length === 3) return `cfg ${layout[0]} × ulysses ${layout[1]} × ring ${layout[2]}`;
+  if (Array.isArray(layout) && layout.length === 3) return `cfg${layout[0]} x ulysses${layout[1]} x ring${layout[2]}`;
   return layout ? esc(layout) : "";
 }
 
