@@ -68,7 +68,11 @@ def test_single_file_transformer_equals_folder(tmp_path, tiny_path, variant):
     assert mine.keys() == theirs.keys()
     assert [k for k in mine if mine[k].dtype != theirs[k].dtype or not torch.equal(mine[k], theirs[k])] == []
     assert dict(engine.transformer.named_buffers()).keys() == dict(folder_model.named_buffers()).keys()
-    assert torch.equal(engine.generate(request), reference)
+    # Loading is proven bitwise above. The outputs are compared to fp32 rounding, not bitwise: the two models'
+    # weights sit at different addresses (each memory-mapped from its own file), and CPU GEMM kernels may pick
+    # alignment-dependent paths; one fresh machine saw a 1.5e-7 difference here (1.5-i2v) that this one never shows.
+    latents = engine.generate(request)
+    assert (latents - reference).abs().max().item() <= 1e-6 * reference.abs().max().item()
     frames = engine.decode(reference, frames=9)
     assert frames.shape == (9, 32, 48, 3)
 
