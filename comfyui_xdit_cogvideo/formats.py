@@ -70,31 +70,26 @@ def native_to_diffusers_key(name: str) -> str | None:
     Also maps module names without a parameter (``blocks.3.q`` -> ``transformer_blocks.3.attn1.to_q``), which
     is what LoRA keys address.
     """
-    if name == POS_EMBEDDING:
-        return name
-    split = _split_param(name)
-    module, param = split if split else (name, None)
-    suffix = f".{param}" if param else ""
-    if module in _N2D_TOP:
-        return _N2D_TOP[module] + suffix
-    match = _NATIVE_BLOCK.fullmatch(module)
-    if match and match.group(2) in _N2D_BLOCK:
-        return f"transformer_blocks.{match.group(1)}.{_N2D_BLOCK[match.group(2)]}{suffix}"
-    return None
+    return _rename_key(name, _N2D_TOP, _NATIVE_BLOCK, _N2D_BLOCK, "transformer_blocks")
 
 
 def diffusers_to_native_key(name: str) -> str | None:
     """The ComfyUI-native name of one diffusers CogVideoX transformer tensor (or module), or None."""
+    return _rename_key(name, _D2N_TOP, _DIFFUSERS_BLOCK, _D2N_BLOCK, "blocks")
+
+
+def _rename_key(name: str, top: dict, block_pattern, block_table: dict, block_prefix: str) -> str | None:
+    """One tensor or module name through one direction's tables (top-level modules, then per-block modules)."""
     if name == POS_EMBEDDING:
         return name
     split = _split_param(name)
     module, param = split if split else (name, None)
     suffix = f".{param}" if param else ""
-    if module in _D2N_TOP:
-        return _D2N_TOP[module] + suffix
-    match = _DIFFUSERS_BLOCK.fullmatch(module)
-    if match and match.group(2) in _D2N_BLOCK:
-        return f"blocks.{match.group(1)}.{_D2N_BLOCK[match.group(2)]}{suffix}"
+    if module in top:
+        return top[module] + suffix
+    match = block_pattern.fullmatch(module)
+    if match and match.group(2) in block_table:
+        return f"{block_prefix}.{match.group(1)}.{block_table[match.group(2)]}{suffix}"
     return None
 
 
