@@ -171,6 +171,15 @@ def test_generate_equals_in_process_engine_and_keeps_the_model_resident(pool, en
     assert status["layout"] == [1, 1, 2]
 
 
+def test_a_layout_smaller_than_the_pool_runs_on_its_ranks_alone(pool, engine):
+    """One rank of two (seen failing on two H200s: the idle rank dereferenced groups it is not part of)."""
+    alone = pool.generate(SPEC, _request(seed=5, steps=2), layout=Layout(1, 1, 1))
+    assert _close(alone, engine.generate(_request(seed=5, steps=2)))
+    assert pool.status()["layout"] == [1, 1, 1]
+    both = pool.generate(SPEC, _request(seed=5, steps=2), layout=Layout(2, 1, 1))  # every rank again, same pool
+    assert _close(both, alone)
+
+
 def test_attention_change_rebinds_and_a_model_change_reloads(pool, engine, tiny_path):
     pool.generate(SPEC, _request(steps=1))
     loads = pool.status()["loads"]

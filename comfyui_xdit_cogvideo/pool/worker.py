@@ -312,6 +312,8 @@ class Worker:
         args = job.args
         spec = p.ModelSpec.from_wire(job.model)
         groups = self.groups_for(Layout(*args["layout"]))
+        if groups is None:  # a layout smaller than the pool: this rank built the groups and sits the job out
+            return None
         plan = MemoryPlan.from_wire(args.get("memory")) or MemoryPlan.default(spec.memory, groups.layout.world_size)
         engine = self.engine_for(spec, groups.is_leader, job.id, plan)
         self.configure(engine, groups, spec.attention)
