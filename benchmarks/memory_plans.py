@@ -115,6 +115,8 @@ def one_run(args) -> dict:
 
     name, plan_name, cap = args.run.split(":")
     device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:  # the allocator cap needs an index
+        device = torch.device("cuda", torch.cuda.current_device())
     cuda = device.type == "cuda"
     card = float(cap) if cap != "none" else None
     cap_bytes = int((card - args.context_gib) * GiB) if card else None
