@@ -243,10 +243,10 @@ def run_job(server: Server, events: Events, args, model_name: str, seed: int, de
         if entry and entry["status"].get("completed") is not None and entry["status"].get("status_str") in (
                 "success", "error"):
             break
-        progress = events.since(t0, "xdit_cogvideo.progress")
-        if progress and progress[-1][1].get("step") != last_step and progress[-1][1].get("step") in (1, 10, 25, 40):
-            last_step = progress[-1][1]["step"]
-            log(f"job {index}: {progress[-1][1].get('job')} step {last_step}/{progress[-1][1].get('total')}")
+        progress = [d for _, d in events.since(t0, "xdit_cogvideo.progress") if d.get("phase") == "sample"]
+        if progress and progress[-1].get("step") != last_step and progress[-1].get("step") in (1, 10, 25, 40):
+            last_step = progress[-1]["step"]
+            log(f"job {index}: sampling step {last_step}/{progress[-1].get('total')}")
         time.sleep(0.25)
     wall = time.monotonic() - t0
     messages = entry["status"].get("messages") or []
@@ -338,8 +338,10 @@ def main() -> int:
             pool = job["pool"]
             log(f"job {i + 1}: OK wall {job['wall_s']} s (execution {job['execution_s']} s), "
                 f"s/step {job['s_per_step_feed']} (engine {job['s_per_step_engine']}), nodes {job['nodes_s']}")
+            layout = pool.get("layout") or [None] * 3
             log(f"job {i + 1}: pool devices {pool.get('devices')} backend {pool.get('backend')} world "
-                f"{pool.get('world_size')} layout cfg x ulysses x ring = {pool.get('layout')} model {pool.get('model')}")
+                f"{pool.get('world_size')} layout cfg{layout[0]} x ulysses{layout[1]} x ring{layout[2]}; "
+                f"model {pool.get('model')}")
             v = job["video"]
             log(f"job {i + 1}: video {v['frames']} frames {v['width']}x{v['height']} {v['codec']} {v['bytes']} bytes")
     except Failure as error:

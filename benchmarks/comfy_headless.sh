@@ -20,6 +20,22 @@
 # workflow templates and embedded docs are left out (ComfyUI only logs that they are missing).
 # Our own dependencies (diffusers, yunchang, ...) come from /tmp/site as the earlier stages of
 # benchmarks/two_gpu_run.sh leave it (FA4 set up when stage B ran), or from a carried .whl/, or --site PATHS.
+# A --model .../2b or .../5b that does not exist is built there first (random full-size weights, on cuda:0).
+#
+# Making .comfy (once, where pip reaches the index; keep it out of git: `echo /.comfy/ >> .git/info/exclude`):
+#   D="python3 -m pip download --no-deps --only-binary=:all: -d .comfy/wheels"
+#   P="--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#      --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64"
+#   $D $P av==18.1.0 SQLAlchemy==2.1.9 blake3==1.0.11 comfy-aimdo==0.4.13 pydantic_core==2.50.5
+#   $D torchsde==0.2.6 trampoline==0.1.2 alembic==1.20.1 Mako==1.4.3 simpleeval==1.0.8 pydantic==2.14.4 \
+#      annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.16.0 pydantic-settings==2.16.3 \
+#      python-dotenv==1.2.4 spandrel==0.4.2
+#   $D --python-version 3.12 --implementation py --platform any comfy-kitchen==0.2.31   # its pure wheel (181 kB)
+#   tar --exclude=.git --exclude=.github --exclude=.ci --exclude=tests --exclude=tests-unit --exclude=blueprints \
+#      --exclude=__pycache__ --transform 's,^ComfyUI,ComfyUI-0.33.0,' -cJf .comfy/comfyui-0.33.0.tar.xz ComfyUI
+#   (ComfyUI = a checkout of 0.33.0; 48 MiB in all, av's wheel 36 of them. Left out, as optional in ComfyUI's
+#   requirements.txt: kornia and comfy-angle/PyOpenGL, so core's nodes_latent, _post_processing, _canny,
+#   _morphology and _glsl log IMPORT FAILED; the frontend, templates and docs packages.)
 set -u
 MODEL=/tmp/models/2b DEVICES=0,1 STEPS=50 FRAMES=49 HEIGHT=480 WIDTH=720 PRECISION=bf16 ATTENTION=auto
 CFG=auto ULYSSES=auto RING=auto JOBS=1 PORT=8188 TIMEOUT=540 ROOT=/tmp CARRY=.comfy SITE= PY=python3
@@ -89,6 +105,14 @@ if [ "$MODEL" = tiny ]; then
   MODEL=$(PYTHONPATH=$REPO:$PYTHONPATH "$PY" -c "from comfyui_xdit_cogvideo.tiny import ensure_tiny; print(ensure_tiny('2b'))") \
       || fail "could not build the tiny model"
 fi
+if [ ! -e "$MODEL" ] && [[ $(basename "$MODEL") =~ ^(2b|5b)$ ]] && [[ $DEVICES != cpu* ]]; then
+  # a fresh machine: the random full-size folder that benchmarks/two_gpu_run.sh stage A builds (T5-XXL included)
+  say "no $MODEL: building random $(basename "$MODEL") weights there (benchmarks/pool_bench.py build_folder)"
+  PYTHONPATH=$REPO:$REPO/benchmarks:$PYTHONPATH "$PY" -c "import sys; from pathlib import Path
+from pool_bench import build_folder
+print(build_folder(Path(sys.argv[1]).name, Path(sys.argv[1]).parent, False, 'cuda:0'))" "$MODEL" \
+      > "$OUTDIR/build_model.log" 2>&1 || fail "could not build $MODEL: $(tail -3 "$OUTDIR/build_model.log")"
+fi
 [ -d "$MODEL/transformer" ] || fail "--model $MODEL is not a diffusers folder (no transformer/)"
 [ -d "$MODEL/text_encoder" ] && [ -d "$MODEL/tokenizer" ] || \
   fail "--model $MODEL has no text_encoder/ and tokenizer/, which the shipped workflow's T5 node reads"
@@ -105,6 +129,7 @@ timeout -k 20 $LEFT "$PY" benchmarks/comfy_headless.py --comfy "$COMFY" --model-
     --precision "$PRECISION" --attention "$ATTENTION" --steps "$STEPS" --frames "$FRAMES" --height "$HEIGHT" \
     --width "$WIDTH" --jobs "$JOBS" --port "$PORT" --timeout "$((LEFT - 10))" --out "$OUTDIR"
 rc=$?
-grep -i "xdit\|cogvideo\|error\|traceback\|import failed" "$OUTDIR/comfyui.log" | grep -v "^\s*$" | tail -15
+grep -i "pytorch version\|Device:\|total vram\|dynamicvram\|aimdo\|import failed\|attention\|prompt executed\|xdit" \
+    "$OUTDIR/comfyui.log" | grep -v "warn" | tail -25
 [ $rc -eq 0 ] || fail "the ComfyUI job failed (rc $rc); see $OUTDIR/comfyui.log and the lines above"
 say "done"
