@@ -123,9 +123,12 @@ class Server:
             self.workers |= self._children()
             try:
                 self.request("/xdit_cogvideo/shutdown", {}, timeout=10)
+                # the route answers at once and the pool stops in the background: let it reap its workers and
+                # remove its temporary folder before ComfyUI itself is ended
                 end = time.monotonic() + 30
-                while time.monotonic() < end and self.pool_status().get("running"):
-                    time.sleep(0.5)
+                while time.monotonic() < end and any(_alive(p) for p in self.workers):
+                    time.sleep(0.3)
+                time.sleep(1.0)
             except OSError:
                 pass
             os.killpg(self.proc.pid, signal.SIGTERM)
