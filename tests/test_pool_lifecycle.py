@@ -112,11 +112,16 @@ def _wait_gone(pids, timeout):
     return alive
 
 
-def test_workers_stop_when_their_parent_is_killed_or_terminated(tiny_cache):
+def test_workers_stop_when_their_parent_is_killed_or_terminated(tiny_cache, tmp_path):
     """SIGKILL: nothing runs in the parent, the workers notice it is gone. SIGTERM: our handler stops them and
-    the process still dies of SIGTERM (the default action it had before)."""
+    the process still dies of SIGTERM (the default action it had before). Either way the pool's rendezvous
+    folder goes too."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(_root()), os.environ.get("PYTHONPATH", "")]))
-    parents = {sig: subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, env=env, text=True)
+    temps = {sig: tmp_path / sig.name for sig in (signal.SIGKILL, signal.SIGTERM)}
+    for folder in temps.values():
+        folder.mkdir()
+    parents = {sig: subprocess.Popen([sys.executable, "-c", _PARENT], stdout=subprocess.PIPE, text=True,
+                                     env=dict(env, TMPDIR=str(temps[sig])))
                for sig in (signal.SIGKILL, signal.SIGTERM)}
     try:
         workers = {sig: json.loads(proc.stdout.readline()) for sig, proc in parents.items()}
@@ -126,6 +131,7 @@ def test_workers_stop_when_their_parent_is_killed_or_terminated(tiny_cache):
         for sig, proc in parents.items():
             assert proc.wait(timeout=30) == -sig
             assert _wait_gone(workers[sig], 15) == [], f"workers outlived a parent killed by {sig!r}"
+            assert not list(temps[sig].glob("xdit-cogvideo-pool-*")), f"rendezvous folder left after {sig!r}"
     finally:
         for proc in parents.values():
             if proc.poll() is None:

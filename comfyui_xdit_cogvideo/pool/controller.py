@@ -456,6 +456,8 @@ class WorkerPool:
         """Signal-handler path: kill every worker without taking locks (they are reaped later or by init)."""
         self._exiting = True
         signal_ranks(list(self._ranks), SIGKILL)
+        if self._store_dir is not None:
+            shutil.rmtree(self._store_dir, ignore_errors=True)
 
     # -- jobs ------------------------------------------------------------------------------------------------
     def check_generate(self, model: p.ModelSpec, request: GenerationRequest, layout: Layout | None = None):

@@ -18,6 +18,7 @@ import gc
 import importlib
 import logging
 import os
+import shutil
 import queue
 import signal
 import socket
@@ -70,6 +71,7 @@ class Worker:
         self.device = torch.device(device)
         self.backend = backend
         self.parent_pid = parent_pid
+        self.store_dir: str | None = None  # the local pool's rendezvous folder (the parent removes it on exit)
         self.remote = remote
         self.commands: queue.Queue = queue.Queue()
         self.state = "starting"
@@ -105,7 +107,20 @@ class Worker:
         if self.exit_code is not None:  # asked to exit; the controller may close first
             _quit(self.exit_code)
         log.warning("rank %d: %s; exiting", self.rank, why)
+        self._orphaned_cleanup(wait=1.0)
         _quit(EXIT_RESTART if self.remote else 0)
+
+    def _orphaned_cleanup(self, wait: float) -> None:
+        """A parent killed outright (SIGKILL) cannot remove the pool's rendezvous folder: its orphans do. The
+        kernel closes the parent's sockets a moment before it re-parents us, hence the short wait."""
+        if self.store_dir is None or self.parent_pid is None:
+            return
+        deadline = time.monotonic() + wait
+        while os.getppid() == self.parent_pid:
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
+        shutil.rmtree(self.store_dir, ignore_errors=True)
 
     def _reader(self) -> None:
         while True:
@@ -148,6 +163,7 @@ class Worker:
                 continue
             if self.parent_pid is not None and os.getppid() != self.parent_pid:
                 log.warning("rank %d: parent process %d is gone; exiting", self.rank, self.parent_pid)
+                self._orphaned_cleanup(wait=0)
                 _quit(0)
             if time.monotonic() - self.last_rx > self.controller_timeout:
                 self._lost(f"no message from the controller for {self.controller_timeout:.0f} s")
@@ -522,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(channel, rank, world, str(device), backend, args.parent_pid, remote)
     worker.heartbeat = float(welcome.heartbeat)
     worker.controller_timeout = float(welcome.timeout)
+    if welcome.store and not remote:
+        worker.store_dir = os.path.dirname(welcome.store)
     for target in (worker._reader, worker._heartbeats, worker._watchdog):
         threading.Thread(target=target, daemon=True, name=target.__name__).start()
     try:
