@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 
-from .parallel.attention import project_qkv
+from .parallel.attention import joint_heads, pack_qkv, project_qkv
 
 __all__ = ["OptimizeOptions", "Optimizer", "optimize_transformer", "Fp8Linear", "StepCache"]
 
@@ -150,13 +150,19 @@ def _setup_compile_cache(cache_dir: str | None) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The block, split around attention. Same modules, same order as CogVideoXBlock.forward + our processor.
 
-def _block_pre(block, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin, contiguous_v=False):
+def _block_pre(block, hidden_states, encoder_hidden_states, temb, rotary_cos, rotary_sin, contiguous_v=False,
+               packing=None):
+    """norm1 + QKV; returns ((q, k, v) or, with sequence parallelism (``packing`` = Ulysses degree), the attention
+    inputs already in the layout the collectives send (``pack_qkv``), gate_msa, enc_gate_msa)."""
     norm_h, norm_e, gate_msa, enc_gate_msa = block.norm1(hidden_states, encoder_hidden_states, temb)
     rotary = None if rotary_cos is None else (rotary_cos, rotary_sin)
-    q, k, v = project_qkv(block.attn1, torch.cat([norm_e, norm_h], dim=1), encoder_hidden_states.size(1), rotary)
+    text_len = encoder_hidden_states.size(1)
+    q, k, v = project_qkv(block.attn1, torch.cat([norm_e, norm_h], dim=1), text_len, rotary)
+    if packing is not None:
+        return pack_qkv(q, k, v, text_len, packing), gate_msa, enc_gate_msa
     if contiguous_v:
         v = v.contiguous()
-    return q, k, v, gate_msa, enc_gate_msa
+    return (q, k, v), gate_msa, enc_gate_msa
 
 
 def _feed_forward(ff, x, gelu_epilogue: bool):
@@ -179,8 +185,9 @@ def _feed_forward(ff, x, gelu_epilogue: bool):
 def _block_post(block, out, hidden_states, encoder_hidden_states, temb, gate_msa, enc_gate_msa, gelu_epilogue=False):
     attn = block.attn1
     text_len = encoder_hidden_states.size(1)
-    batch, seq = out.shape[:2]
-    out = attn.to_out[1](attn.to_out[0](out.reshape(batch, seq, -1)))
+    out = joint_heads(out)  # the attention output (a tensor, or Ulysses' rank-major pair) as [B, seq, H * D]
+    seq = out.shape[1]
+    out = attn.to_out[1](attn.to_out[0](out))
     attn_e, attn_h = out.split([text_len, seq - text_len], dim=1)
     hidden_states = hidden_states + gate_msa * attn_h
     encoder_hidden_states = encoder_hidden_states + enc_gate_msa * attn_e
@@ -322,9 +329,9 @@ def _fast_block_forward(self, hidden_states, encoder_hidden_states, temb, image_
         cache.block1_in = (hidden_states, encoder_hidden_states)
     cos, sin = image_rotary_emb if image_rotary_emb is not None else (None, None)
     text_len = encoder_hidden_states.size(1)
-    q, k, v, gate_msa, enc_gate_msa = opt.pre(self, hidden_states, encoder_hidden_states, temb, cos, sin,
-                                              opt.options.contiguous_v)
-    out = context.attention(q, k, v, text_len)
+    packed, gate_msa, enc_gate_msa = opt.pre(self, hidden_states, encoder_hidden_states, temb, cos, sin,
+                                             opt.options.contiguous_v, context.packing)
+    out = context.attention(packed, text_len)
     h, e = opt.post(self, out, hidden_states, encoder_hidden_states, temb, gate_msa, enc_gate_msa,
                     opt.options.gelu_epilogue)
     if cache is not None:
