@@ -78,12 +78,21 @@ _MERGE_COMPILED = []
 
 def _merge(*args, **kwargs):
     """``merge_attention``: on CUDA one compiled kernel per call (elementwise only, exact up to the fused ops'
-    float32 rounding), eager elsewhere."""
-    if not args[0].is_cuda:
+    float32 rounding), eager elsewhere or when compiling fails (with a warning, once)."""
+    if not args[0].is_cuda or _MERGE_COMPILED == [None]:
         return merge_attention(*args, **kwargs)
     if not _MERGE_COMPILED:
         _MERGE_COMPILED.append(torch.compile(merge_attention, dynamic=False, fullgraph=True))
-    return _MERGE_COMPILED[0](*args, **kwargs)
+    try:
+        return _MERGE_COMPILED[0](*args, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a compiler failure must not fail the job
+        import warnings
+
+        warnings.warn(f"torch.compile of the ring merge failed ({type(error).__name__}: {error}); running it eager")
+        _MERGE_COMPILED[0] = None
+        return merge_attention(*args, **kwargs)
 
 
 def scatter_heads(q_text, kv_text, q_send, kv_send, group, ulysses_idx: int):

@@ -1,0 +1,117 @@
+"""The copy-free attention plumbing against the library code it replaced: the Ulysses exchange against yunchang's
+``all_to_all_4D`` (uneven chunks, padded tokens, 2 and 3 ranks), the fused ring merge against yunchang's
+``update_out_and_lse``, and compiled blocks (the packing inside the pre-attention graph) on Ulysses and Ring
+layouts against diffusers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest, Layout
+from comfyui_xdit_cogvideo.parallel import ParallelGroups
+from comfyui_xdit_cogvideo.parallel.attention import (_GatherHeads, joint_heads, merge_attention, pack_qkv,
+                                                      scatter_heads)
+from distributed import run_world
+
+
+def _exchange(rank, world, batch, text, chunk, heads, dim):
+    import torch.distributed as dist
+    from yunchang.comm.all_to_all import all_to_all_4D
+
+    groups = ParallelGroups.create(Layout(1, world, 1))
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(batch, text + chunk, heads, dim, generator=g) for _ in range(3))
+    shared = torch.Generator().manual_seed(99)  # the text tokens are replicated on every rank
+    for x in (q, k, v):
+        x[:, :text] = torch.randn(batch, text, heads, dim, generator=shared)
+    jq, jkv, works = scatter_heads(*pack_qkv(q, k, v, text, world), groups.ulysses, groups.ulysses_idx)
+    for work in (w for row in works for w in row):
+        work.wait()
+    h = heads // world
+    mine = slice(rank * h, (rank + 1) * h)
+    checks = {}
+    for name, got, x in (("q", jq, q), ("k", jkv[:, :, 0], k), ("v", jkv[:, :, 1], v)):
+        want = torch.cat([x[:, :text, mine], all_to_all_4D(x[:, text:].contiguous(), 2, 1, group=groups.ulysses)], 1)
+        checks[name] = torch.equal(got, want)
+    # the way back: my heads of [text; all video] -> all heads of [text; my chunk], as joint_heads reads it
+    out = torch.randn(batch, text + world * chunk, h, dim, generator=g)
+    out[:, :text] = torch.randn(batch, text, heads, dim, generator=shared)[:, :, mine]
+    back = _GatherHeads(out, batch, text, groups.ulysses, world)
+    for row in range(batch):
+        back.send(row, out[row])
+    got = joint_heads(back.result())
+    video = all_to_all_4D(out[:, text:].contiguous(), 1, 2, group=groups.ulysses)
+    texts = [torch.empty_like(out[:, :text]) for _ in range(world)]
+    dist.all_gather(texts, out[:, :text].contiguous(), group=groups.ulysses)
+    checks["back"] = torch.equal(got, torch.cat([torch.cat(texts, 2), video], 1).flatten(2))
+    return checks
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("world,batch,text,chunk,heads", [(2, 2, 5, 7, 4), (3, 1, 3, 4, 6), (3, 2, 1, 1, 3)])
+def test_ulysses_exchange_equals_yunchang_all_to_all_4d(world, batch, text, chunk, heads):
+    for checks in run_world(world, _exchange, world, batch, text, chunk, heads, 8):
+        assert all(checks.values()), checks
+
+
+def test_joint_heads_reorders_rank_major_heads():
+    text, video = torch.randn(2, 3, 4, 2, 5), torch.randn(2, 3, 6, 2, 5)  # [B, U, T or C, h, D]
+    got = joint_heads((text, video))
+    assert got.shape == (2, 10, 30)
+    assert torch.equal(got[1, 4 + 5].view(3, 2, 5)[2], video[1, 2, 5])
+    assert torch.equal(got[0, 1].view(3, 2, 5)[1], text[0, 1, 1])
+    plain = torch.randn(2, 7, 3, 4)
+    assert torch.equal(joint_heads(plain), plain.reshape(2, 7, 12))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_merge_equals_yunchang_update_out_and_lse(compiled):
+    from yunchang.ring.utils import update_out_and_lse
+
+    g = torch.Generator().manual_seed(0)
+    blocks = [(torch.randn(2, 9, 3, 8, generator=g), 3 * torch.randn(2, 3, 9, generator=g)) for _ in range(3)]
+    merge = torch.compile(merge_attention, dynamic=False, fullgraph=True) if compiled else merge_attention
+    want_out = want_lse = None
+    for o, lse in blocks:
+        want_out, want_lse = update_out_and_lse(want_out, want_lse, o, lse)
+    out, lse = blocks[0]
+    out, lse = merge(out, lse, *blocks[1])
+    assert torch.allclose(lse.transpose(1, 2).unsqueeze(-1), update_out_and_lse(
+        *update_out_and_lse(None, None, *blocks[0]), *blocks[1])[1], rtol=0, atol=1e-6)
+    final, none = merge(out, lse, *blocks[2], dtype=torch.float64)
+    assert none is None and final.dtype == torch.float64
+    assert torch.allclose(final, want_out.double(), rtol=0, atol=1e-6)
+
+
+REQUEST = dict(prompt="a cat playing piano", frames=13, height=32, width=32, steps=2, seed=5)  # 16 video tokens
+
+
+def _compiled_layouts(rank, path, layouts):
+    results = {}
+    for layout in layouts:
+        groups = ParallelGroups.create(layout)
+        if groups is None:
+            continue
+        engine = CogVideoEngine(str(path), dtype="fp32", groups=groups, optimize="fuse,compile")
+        latents = engine.generate(GenerationRequest(**REQUEST))
+        assert engine.optimizer.compiled, "the compiled blocks fell back to eager"
+        if groups.is_leader:
+            results[str(layout)] = latents.numpy()
+    return results
+
+
+@pytest.mark.timeout(900)
+def test_compiled_blocks_pack_for_ulysses_and_ring(tiny_path):
+    """The pre-attention graph emits the packed send layout (RoPE'd q/k of the 5b twin), the post graph reorders
+    Ulysses' heads, ring2 sends k/v blocks of the joint buffer; ring3 pads 16 video tokens to 18."""
+    path = tiny_path("5b")
+    reference = CogVideoEngine(str(path), dtype="fp32", optimize="none").generate(GenerationRequest(**REQUEST))
+    layouts = [Layout(1, 2), Layout(1, 1, 2), Layout(1, 1, 3)]
+    merged = {}
+    for part in run_world(3, _compiled_layouts, path, layouts):
+        merged.update(part)
+    for layout in layouts:
+        got = torch.from_numpy(merged[str(layout)])
+        err = ((got - reference).abs().max() / reference.abs().max()).item()
+        assert err < 1e-4, f"{layout}: {err:.2e}"
