@@ -1,6 +1,6 @@
 """Sequence- and CFG-parallel execution of the diffusers CogVideoX transformer.
 
-``parallelize_transformer`` (diffusers and yunchang behind it) is imported on first use (PEP 562), so the
+``parallelize_transformer`` (diffusers behind it) is imported on first use (PEP 562), so the
 process groups and kernels can be imported cheaply.
 """
 
