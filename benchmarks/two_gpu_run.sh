@@ -8,6 +8,9 @@
 #   C  carry [.fa4/ffmpeg]            pool_bench 2b (diffusers, 1 GPU, 2 GPUs x layouts, whole 50-step jobs);
 #                                     one CLI job on --gpus 0,1
 #   D  (nothing)                      pool_bench 5b (diffusers and 2 GPUs; 1-GPU s/step comes from stage B)
+#   E  carry [.fa4/p2, .fa4/wheels, .whl] on a machine where A ran (or B's set-up is done): the copy-free
+#                                     Ulysses/Ring attention, measured as the code stands: multi_gpu.py 2b and 5b,
+#                                     1 GPU vs ulysses2 and ring2 (~4 min), then a torch.profiler breakdown of 5b
 # .fa4/p1 and .fa4/p2 are the two halves of the nvidia-cutlass-dsl-libs-cu13 wheel (`split -b 46M`; 92 MB is over
 # one call's carry); fa4_setup.sh says how to make the other folders.
 stage=$1
@@ -53,6 +56,22 @@ if [ "$stage" = B ]; then
         --out "$OUT/B_xfuser_$name.json" --models 2b,5b --budget 75 $flags > "$OUT/B_xfuser_$name.log" 2>&1
     say "xfuser $flags rc=$?"; grep "xfuser \(2b\|5b\)" "$OUT/B_xfuser_$name.log" | cut -c1-300
   done
+fi
+
+if [ "$stage" = E ]; then
+  if [ ! -f /tmp/site/.xdit_setup_done ]; then
+    [ -f /tmp/cu13.part.aa ] || { echo "run stage A first (it leaves the first half of the cu13 wheel)"; exit 3; }
+    cat /tmp/cu13.part.aa .fa4/p2/part.ab > /tmp/cu13.whl && mkdir -p $CU13X && python3 -m zipfile -e /tmp/cu13.whl $CU13X
+  fi
+  . benchmarks/fa4_setup.sh
+  say "fa4 set up"
+  timeout -k 5 250 torchrun --nproc_per_node=2 benchmarks/multi_gpu.py --out "$OUT/E_multi_gpu.json" \
+      --models 2b,5b --layouts "ulysses2;ring2" --steps 2b=7,5b=6 --warmup 2 --pg-timeout 200 --budget 230 \
+      > "$OUT/E_multi_gpu.log" 2>&1
+  say "multi_gpu rc=$?"; grep "^\[ " "$OUT/E_multi_gpu.log"
+  timeout -k 5 250 torchrun --nproc_per_node=2 benchmarks/profile_layouts.py --out "$OUT/E_prof_5b.json" --model 5b \
+      --layouts "1;ulysses2;ring2" > "$OUT/E_prof_5b.log" 2>&1
+  say "profile rc=$?"; grep "^rank 0" "$OUT/E_prof_5b.log" | cut -c1-400
 fi
 
 if [ "$stage" = C ] || [ "$stage" = D ]; then
