@@ -1,8 +1,9 @@
 """Every attention kernel's (out, log-sum-exp) as Ring attention merges them, checked on this device.
 
 For each kernel available here: full attention over [text; video] keys against the same keys cut into blocks
-(text joined to the first block, as our ring does) and merged with yunchang's update_out_and_lse; both
-compared with an fp32 reference. Run on the GPU machine (log in benchmarks/results/) or on CPU.
+(text joined to the first block, as our ring does) and merged as the ring merges them (``merge_blocks``, the
+compiled merge on CUDA); both compared with an fp32 reference. Run on the GPU machine (log in
+benchmarks/results/) or on CPU.
 
     python benchmarks/check_lse_kernels.py [--device cuda] [--tokens 4096] [--blocks 3]
 """
@@ -13,8 +14,8 @@ import argparse
 import json
 
 import torch
-from yunchang.ring.utils import update_out_and_lse
 
+from comfyui_xdit_cogvideo.parallel.attention import merge_blocks
 from comfyui_xdit_cogvideo.parallel.kernels import KERNELS, available_kernels
 
 
@@ -39,9 +40,13 @@ def main() -> None:
         try:
             full, _ = KERNELS[name](q, k, v, False)
             out = lse = None
-            for lo, hi in zip(edges, edges[1:]):
+            for i, (lo, hi) in enumerate(zip(edges, edges[1:])):
                 block_out, block_lse = KERNELS[name](q, k[:, lo:hi], v[:, lo:hi], True)
-                out, lse = update_out_and_lse(out, lse, block_out, block_lse)
+                if out is None:
+                    out, lse = block_out, block_lse
+                else:
+                    out, lse = merge_blocks(out, lse, block_out, block_lse,
+                                            dtype=q.dtype if i == args.blocks - 1 else None)
             results[name] = {"full_max_err": (full.float() - ref).abs().max().item() / scale,
                              "ring_max_err": (out.float() - ref).abs().max().item() / scale,
                              "lse_shape": list(block_lse.shape)}

@@ -12,7 +12,7 @@ is part of the norm/RoPE kernels), so nothing is copied between the projection a
   [B, T + C, H * D] the output projection reads (one copy, fused into the compiled post-attention graph).
 - Ring: keys and values live in one [B, T + C, 2, H, D] buffer, so a row's video block is a contiguous
   slice to send and the first (local) block with the text keys in front is a slice too. Partial outputs
-  merge by their log-sum-exp (``merge_attention``, compiled into one kernel on CUDA).
+  merge by their log-sum-exp (``merge_blocks``: one compiled kernel on CUDA).
 
 The text keys join each rank's first (local) ring block, so every query sees them exactly once. Padded keys
 are cut off, never masked.
@@ -76,7 +76,7 @@ def merge_attention(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tenso
 _MERGE_COMPILED = []
 
 
-def _merge(*args, **kwargs):
+def merge_blocks(*args, **kwargs):
     """``merge_attention``: on CUDA one compiled kernel per call (elementwise only, exact up to the fused ops'
     float32 rounding), eager elsewhere or when compiling fails (with a warning, once)."""
     if not args[0].is_cuda or _MERGE_COMPILED == [None]:
@@ -201,8 +201,7 @@ class ParallelContext:
                 if out is None:
                     out, lse = block_out, block_lse
                 else:
-                    out, lse = _merge(out, lse, block_out, block_lse,
-                                      dtype=q.dtype if last else None)
+                    out, lse = merge_blocks(out, lse, block_out, block_lse, dtype=q.dtype if last else None)
             if not last:
                 for request in requests:
                     request.wait()
