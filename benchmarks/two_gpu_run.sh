@@ -8,9 +8,10 @@
 #   C  carry [.fa4/ffmpeg]            pool_bench 2b (diffusers, 1 GPU, 2 GPUs x layouts, whole 50-step jobs);
 #                                     one CLI job on --gpus 0,1
 #   D  (nothing)                      pool_bench 5b (diffusers and 2 GPUs; 1-GPU s/step comes from stage B)
-#   E  carry [.fa4/p2, .fa4/wheels, .whl] on a machine where A ran (or B's set-up is done): the copy-free
-#                                     Ulysses/Ring attention, measured as the code stands: multi_gpu.py 2b and 5b,
-#                                     1 GPU vs ulysses2 and ring2 (~4 min), then a torch.profiler breakdown of 5b
+#   E  carry [.fa4/p2, .fa4/wheels, .whl] after a call that left /tmp/cu13.part.aa (A, or just
+#                                     `cp .fa4/p1/part.aa /tmp/cu13.part.aa` with carry [.fa4/p1]): the copy-free
+#                                     Ulysses/Ring attention as the code stands: multi_gpu.py 2b and 5b, 1 GPU vs
+#                                     ulysses2 and ring2 (~4 min), then a torch.profiler breakdown of 5b (~3 min)
 # .fa4/p1 and .fa4/p2 are the two halves of the nvidia-cutlass-dsl-libs-cu13 wheel (`split -b 46M`; 92 MB is over
 # one call's carry); fa4_setup.sh says how to make the other folders.
 stage=$1
@@ -60,7 +61,7 @@ fi
 
 if [ "$stage" = E ]; then
   if [ ! -f /tmp/site/.xdit_setup_done ]; then
-    [ -f /tmp/cu13.part.aa ] || { echo "run stage A first (it leaves the first half of the cu13 wheel)"; exit 3; }
+    [ -f /tmp/cu13.part.aa ] || { echo "no /tmp/cu13.part.aa: run A (or cp .fa4/p1/part.aa) first"; exit 3; }
     cat /tmp/cu13.part.aa .fa4/p2/part.ab > /tmp/cu13.whl && mkdir -p $CU13X && python3 -m zipfile -e /tmp/cu13.whl $CU13X
   fi
   . benchmarks/fa4_setup.sh
