@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 PROG = "comfyui-xdit-cogvideo"  # the console script; ``python -m comfyui_xdit_cogvideo`` passes its own name
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")  # kept in step with video.VIDEO_SUFFIXES (imported lazily)
 
 
 class CliError(Exception):
@@ -281,19 +280,15 @@ def _check_model_paths(args) -> None:
 
 
 def _check_output(path: str | None, suffixes: tuple[str, ...], flag: str) -> Path | None:
+    """``path`` checked as the writers check it (video.check_output_path), the error prefixed with ``flag``."""
     if path is None:
         return None
-    file = Path(path).expanduser()
-    if file.suffix.lower() not in suffixes:
-        raise CliError(f"{flag} must end with {' or '.join(suffixes)}, got {path!r}")
-    if file.is_dir():
-        raise CliError(f"{flag} {path!r} is a directory; give a file name inside it")
-    parent = file.parent
-    if not parent.is_dir():
-        raise CliError(f"{flag}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"{flag}: folder {str(parent)!r} is not writable")
-    return file
+    from .video import OutputPathError, check_output_path
+
+    try:
+        return check_output_path(path, suffixes)
+    except OutputPathError as error:
+        raise CliError(f"{flag}: {error}") from None
 
 
 def _check_fps(value: float | None) -> None:
@@ -333,16 +328,16 @@ class _Progress:
 def _generate(args) -> int:
     # Everything the user typed is checked first, in this order, before any model is built (tiny models are built
     # on first use) and before any worker starts: output paths and fps, then input files, devices, model paths.
+    from .video import VIDEO_SUFFIXES, VideoWriteError, check_encoder
+
     output = _check_output(args.output, VIDEO_SUFFIXES, "--output")
     latents_out = _check_output(args.latents_out, (".safetensors",), "--latents-out")
     if output is None and latents_out is None:
         raise CliError("nothing to write: give --output FILE.mp4 and/or --latents-out FILE.safetensors")
     _check_fps(args.fps)
-    if output is not None:
-        from .video import VideoWriteError, ffmpeg_exe
-
+    if output is not None:  # imageio-ffmpeg importable, its binary runs and encodes H.264 (a 2-frame clip)
         try:
-            ffmpeg_exe()
+            check_encoder()
         except VideoWriteError as error:
             raise CliError(f"--output: {error}") from None
     tiling = _parse_tile(args.tile)

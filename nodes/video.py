@@ -73,6 +73,28 @@ def write_mp4(images: torch.Tensor, path: str, fps: float, crf: int = 19, metada
     write_video(path, images, fps=fps, crf=crf, metadata=metadata or None)
 
 
+def check_save_target(filename_prefix) -> str | None:
+    """Why videos with ``filename_prefix`` cannot be saved (encoder, output folder), or None when they can.
+
+    A prefix from another node's output (not a string at queue time) gets the encoder and output folder checks."""
+    import folder_paths
+
+    from comfyui_xdit_cogvideo.video import VideoWriteError, check_encoder, check_video_path
+
+    output_dir = os.path.abspath(folder_paths.get_output_directory())
+    prefix = filename_prefix if isinstance(filename_prefix, str) and filename_prefix.strip() else "CogVideoX"
+    target = os.path.abspath(os.path.join(output_dir, os.path.normpath(prefix) + "_00001_.mp4"))
+    if os.path.commonpath((output_dir, target)) != output_dir:
+        return (f"filename_prefix {prefix!r} points outside ComfyUI's output folder {output_dir!r}; give a name or "
+                "a subfolder inside it, e.g. 'video/CogVideoX'")
+    try:
+        check_encoder()
+        check_video_path(target, create=True)
+    except VideoWriteError as error:
+        return f"cannot save videos: {error}"
+    return None
+
+
 class SaveVideo(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -95,6 +117,13 @@ class SaveVideo(io.ComfyNode):
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo],
             is_output_node=True,
         )
+
+    @classmethod
+    def validate_inputs(cls, filename_prefix=None):
+        # Runs when the prompt is queued, before any node executes: a missing imageio-ffmpeg, an ffmpeg without
+        # H.264 or an unwritable output folder fails here, not after sampling and decoding. ComfyUI files a failed
+        # validate_inputs under every argument it declares: declare only filename_prefix (a free string).
+        return check_save_target(filename_prefix) or True
 
     @classmethod
     def execute(cls, images, fps=8.0, filename_prefix="video/CogVideoX", crf=19) -> io.NodeOutput:
