@@ -90,8 +90,10 @@ def _build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     out.add_argument("--latents-out", help="safetensors file with key 'latents'")
     out.add_argument("--fps", type=float, help="default: 8 for CogVideoX 1.0, 16 for 1.5")
     out.add_argument("--decode", choices=["auto", "tiled", "plain"], default="auto",
-                     help="VAE decode: tiles spread over all ranks, or plain on rank 0 (auto: tiled with >1 rank)")
-    out.add_argument("--tile", help="decode tile size in pixels, HxW (default: the VAE's, 240x360)")
+                     help="VAE decode: tiles spread over all ranks, or plain (untiled) on rank 0; auto: plain when "
+                          "it fits rank 0's free memory and there are fewer than 3 ranks, else tiled (reported)")
+    out.add_argument("--tile", help="decode tile size in pixels, HxW (default: the VAE's, 240x360); implies tiled "
+                                    "under --decode auto")
     out.add_argument("--quiet", action="store_true", help="no progress or other lines on stderr (errors only)")
     out.add_argument("--verbose", action="store_true",
                      help="show worker output, third-party warnings and progress bars, and tracebacks on failure")
@@ -291,6 +293,16 @@ def _check_output(path: str | None, suffixes: tuple[str, ...], flag: str) -> Pat
         raise CliError(f"{flag}: {error}") from None
 
 
+def _expected_decode(tiled: bool | None, world: int) -> str:
+    """What the decode will most likely be, for the up-front memory check: ``tiled`` as forced, else what
+    pool.decode's automatic choice picks when memory is no constraint."""
+    from .vae_parallel import TILED_DECODE_MIN_RANKS
+
+    if tiled is None:
+        tiled = world >= TILED_DECODE_MIN_RANKS
+    return "tiled" if tiled else "plain"
+
+
 def _check_fps(value: float | None) -> None:
     if value is not None and (not math.isfinite(value) or not 0 < value <= 1000):
         raise CliError(f"--fps must be a number above 0 and at most 1000 (e.g. 8 or 16), got {value:g}")
@@ -381,11 +393,13 @@ def _generate(args) -> int:
     world = pool_devices.world_size
     layout = choose_layout(world, heads=info.heads, use_cfg=resolved.use_cfg, cfg=args.cfg, ulysses=args.ulysses,
                            ring=args.ring)
-    tiled = args.decode == "tiled" or (args.decode == "auto" and world > 1)
+    # None = automatic (pool.decode chooses from rank 0's free memory and the rank count, and says why)
+    tiled = {"tiled": True, "plain": False}.get(args.decode, True if tiling else None)
     tile = (tiling.sample_height, tiling.sample_width) if tiling else (480, 720)
     if args.memory == "fast" or pool_devices.kind == "cpu":  # GPUs under the other plans: the detailed planner
         check_memory(info, resolved, layout, dtype, resolved_source, pool_devices,  # (memory.py) in pool.generate
-                     decode=None if output is None else "tiled" if tiled else "plain", tile=tile, label=info.display)
+                     decode=None if output is None else _expected_decode(tiled, world), tile=tile,
+                     label=info.display)
     fps = args.fps or (16 if info.version == "1.5" else 8)
     if output is not None:  # the real writer on one frame of the real size: folder, container, size and fps
         from .video import VideoWriteError, check_writable
@@ -415,13 +429,12 @@ def _generate(args) -> int:
     if output is not None:
         from .video import write_video
 
-        if args.decode == "auto" and pool.last_plan.decode_tile is not None:
-            tiled = True  # the memory plan needs tiles to fit, even on one GPU
         frames = pool.decode(spec, latents, frames=resolved.frames, tiled=tiled, on_event=progress, tiling=tiling)
+        say(f"decode {pool.last_decode.describe()}")
         write_video(output, frames, fps=fps)
         summary.update(output=str(output), frames=int(frames.shape[0]), width=int(frames.shape[2]),
                        height=int(frames.shape[1]), fps=fps, decode_seconds=round(time.perf_counter() - sampled, 3),
-                       decode="tiled" if tiled else "plain")
+                       decode=pool.last_decode.mode, decode_choice=pool.last_decode.describe())
     say("wrote " + ", ".join(str(p) for p in (output, latents_out) if p is not None))
     print(json.dumps(summary), flush=True)
     return 0

@@ -386,3 +386,22 @@ def plan_job(spec, info, request, layout: Layout, rank_memory: list[dict | None]
     job = JobShape.of(request, info, dtype_bytes)
     budgets = [device_budget(m) for m in list(rank_memory)[:layout.world_size]]
     return plan_memory(spec.memory, sizes, info, job, layout, budgets)
+
+
+def untiled_decode_peak(vae_path: Path | None, frames: int, height: int, width: int, dtype_bytes: int = 2) -> int:
+    """Estimated peak bytes of one untiled VAE decode of a ``frames`` x ``height`` x ``width`` video on one device:
+    the VAE's weights (from its safetensors headers; the published VAE's size without a path), the whole-frame
+    activations (``DECODE_BYTES_PER_PIXEL``, fitted to the 19.1 GiB measured for 49 x 480 x 720 in bf16) and the
+    decoded video. What the automatic decode choice compares with the first rank's free memory."""
+    weights = sum(_header_counts(vae_path).values()) if vae_path is not None else COGVIDEOX_VAE
+    sizes = ModelSizes(0, 0, 0, vae=weights, vae_width=_vae_width(vae_path))
+    job = JobShape(frames, height, width, 1, dtype_bytes)
+    return weights * dtype_bytes + decode_activations(height * width, sizes, dtype_bytes) + decode_output(job)
+
+
+def decode_budget(memory: dict | None) -> int | None:
+    """Bytes one rank may plan to use for a decode from its heartbeat memory figures: free now plus what its
+    allocator caches but does not use (the resident model stays), after the margin. ``None`` for CPU ranks."""
+    if not memory or memory.get("free") is None:
+        return None
+    return usable(int(memory["free"]) + int(memory.get("reserved") or 0) - int(memory.get("allocated") or 0))

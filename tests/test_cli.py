@@ -75,7 +75,10 @@ def test_latents_out_equals_diffusers_on_two_ranks(reference, tiny_path, tmp_pat
     frames, meta = read_video(video)
     assert frames.shape == (9, 32, 48, 3) and round(meta["fps"]) == 12
     summary = json.loads(out)
-    assert summary["decode"] == "tiled" and summary["layout"] == "cfg2 x ulysses1 x ring1" and summary["fps"] == 12
+    assert summary["layout"] == "cfg2 x ulysses1 x ring1" and summary["fps"] == 12
+    # automatic decode on 2 CPU ranks: untiled on rank 0, said on stderr and in the JSON line
+    assert summary["decode"] == "plain" and summary["decode_choice"].startswith("untiled on rank 0: needs ")
+    assert f"decode {summary['decode_choice']}" in err
     assert controller._POOL is None  # the CLI stops its pool on the way out
 
 

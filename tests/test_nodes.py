@@ -467,9 +467,20 @@ def test_sampler_decode_save_end_to_end(comfy, spec, embeds, parallel):
     # ComfyUI's convention (core VAE Decode takes it): the VAE's raw latents, diffusers' divided by the scaling
     torch.testing.assert_close(samples, want.float().permute(0, 2, 1, 3, 4) / scale, rtol=1e-4, atol=1e-5)
 
-    (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled=True,
+    comfy.server.messages.clear()
+    (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled="auto",
                          parallel=parallel).args
     assert images.shape == (9, 32, 48, 3) and 0 <= images.min() and images.max() <= 1
+    # the automatic choice (2 CPU ranks: untiled on rank 0) is reported and equals the mode it picked
+    (choice,) = [d for e, d in comfy.server.messages if e == "xdit_cogvideo.decode"]
+    assert choice["node"] == "8" and (choice["tiled"], choice["ranks"]) == (False, 1)
+    assert choice["text"].startswith("decode: untiled on rank 0: needs ")
+    (untiled,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled="off",
+                          parallel=parallel).args
+    assert torch.equal(images, untiled)
+    assert comfy_validate(comfy.by_id["XDiTCogVideoDecode"], {"tiled": True}) == []  # saved before "auto" existed
+    ((name, details),) = comfy_validate(comfy.by_id["XDiTCogVideoDecode"], {"tiled": "sometimes"})
+    assert name == "tiled" and "tiled must be one of auto, on, off; got 'sometimes'" in details
     out = run_node(comfy.by_id["XDiTCogVideoSaveVideo"], "9", images=images, fps=8.0,
                    filename_prefix="video/test", crf=19)
     saved = out.ui.as_dict()["images"][0]
