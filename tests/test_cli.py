@@ -225,7 +225,9 @@ def test_a_failed_video_write_is_an_error_not_a_lost_result(tiny_path, tmp_path,
     fake.write_text("#!/bin/sh\ncat > /dev/null\nexit 0\n")
     fake.chmod(0o755)
     monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
-    monkeypatch.setattr(video, "check_writable", lambda path, *a, **k: path)  # as if the disk filled up later
+    # the pre-flight checks passed, as if the disk filled up later
+    monkeypatch.setattr(video, "check_encoder", lambda codec="libx264": str(fake))
+    monkeypatch.setattr(video, "check_writable", lambda path, *a, **k: path)
     output = tmp_path / "cat.mp4"
     code, out, err = _run(["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--quiet",
                            "--output", str(output)], capsys)
