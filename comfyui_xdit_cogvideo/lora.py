@@ -10,13 +10,18 @@ Switching LoRAs or strengths never reloads the base model: before a layer is fir
 computed from that copy, ``W = round(W_orig + sum_i delta_i)`` in fp32, so unmerging is a bitwise restore and a
 switch gives bitwise the weights a fresh load with the new set would give. The cost is CPU memory equal to the
 touched weights (5b, every attention and feed-forward linear: ~10 GB per rank in bf16; attention only: ~3.2 GB).
+Under FSDP (memory plan ``low``) a rank saves and rewrites only the rows of each weight it holds; under group
+offloading the weights rest on the CPU between steps and are merged there. Weights computed on every use from a
+stored tensor (fp8-resident storage, a parametrization) are never rewritten: the LoRAs stay beside them as
+low-rank factors (``_LoraTerms``), because rounding ``W + delta`` to fp8 would lose most of the delta.
 
 Formats (safetensors only), detected from the key names:
 - diffusers / PEFT: ``transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`` / ``lora_B.weight``; alpha from
   ``.alpha`` keys or diffusers' ``lora_adapter_metadata`` (``lora_alpha``, ``r``, patterns, rsLoRA); none = scale 1.
 - ``lora_down.weight`` / ``lora_up.weight`` (+ ``.alpha``) under any of the names below.
 - kohya: ``lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight`` + ``.alpha`` (scale alpha / rank).
-- ComfyUI-native names: ``diffusion_model.blocks.N.q...`` and ``lora_unet_blocks_N_q...``.
+- ComfyUI-native names: ``diffusion_model.blocks.N.q...`` and ``lora_unet_blocks_N_q...`` (renamed through
+  ``formats``' name table, the one the model loader uses).
 - DoRA: PEFT ``lora_magnitude_vector`` and LyCORIS/kohya ``dora_scale``, applied exactly:
   ``W + strength * (m * V / ||V|| - W)`` with ``V = W + scale * up @ down``, the norm per output row (per input
   column when the scale has one value per input), as PEFT and LyCORIS compute it; strength interpolates as in
@@ -732,7 +737,8 @@ def write_random_lora(path: str | Path, factors: dict, fmt: str = "peft", alpha:
         elif fmt == "comfyui":
             base, a, b = f"diffusion_model.{diffusers_to_native_key(name)}", ".lora_A.weight", ".lora_B.weight"
         elif fmt == "comfyui_kohya":
-            base, a, b = "lora_unet_" + diffusers_to_native_key(name).replace(".", "_"), ".lora_down.weight", ".lora_up.weight"
+            base = "lora_unet_" + diffusers_to_native_key(name).replace(".", "_")
+            a, b = ".lora_down.weight", ".lora_up.weight"
         else:
             raise ValueError(f"unknown LoRA format {fmt!r}")
         tensors[base + a], tensors[base + b] = down.to(dtype).contiguous(), up.to(dtype).contiguous()
