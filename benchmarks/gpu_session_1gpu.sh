@@ -1,23 +1,23 @@
 #!/bin/bash
 # One-GPU device session (kind nvidia-h200, CUDA_VISIBLE_DEVICES=0) for issues 14, 15 and 16, in parts that each fit
 # one device call. Every benchmark runs under its own `timeout`, cut to what the part has left (PART_S, default
-# 480 s); JSON results and logs go to $OUT. Usage: bash benchmarks/gpu_session_1gpu.sh PART
+# 520 s); JSON results and logs go to $OUT. Usage: bash benchmarks/gpu_session_1gpu.sh PART
 #
 #   part   carry                            what                                                       estimate
 #   setup  [".whl", ".fa4/p1"]              wheels, first half of the cu13 wheel                        ~30 s
-#   1      [".fa4/p2", ".fa4/wheels"]       (finishes the FA4 set-up) formats_bench 5b: diffusers-folder,  ~7.5 min
+#   1      [".fa4/p2", ".fa4/wheels"]       (finishes the FA4 set-up) formats_bench 5b: diffusers-folder,  ~6 min
 #                                           native-bf16, fp8-upcast, fp8-resident, fp8-scaled-upcast
-#   2      (none)                           lora_bench 5b rank 64; memory_plans 2b: uncapped fast       ~7 min
-#                                           reference, auto's pick at 24 and 16 GiB (50-step jobs)
-#   3      (none)                           memory_plans 2b: auto at 12 GiB; 5b: reference, auto at 24  ~7.5 min
-#   4      (none)                           memory_plans 5b: auto at 16 and 12 GiB (offload)            ~7 min
-#   5      (none)                           lora_bench 5b under the offload plan (LoRA in group-       ~5.5 min
-#                                           offloaded blocks with CUDA streams); memory_plans 2b offload at 12 GiB
-# Parts 2-5 need only the set-up (the machine warm since 'setup' and part 1); if part 1 is skipped, carry
-# [".fa4/p2", ".fa4/wheels"] with the first part run instead. The estimates are from the measured s/step
-# (2b 0.44, 5b 1.19 compiled with FA4) plus guessed overheads (memory_plans.py: estimated_seconds); the scripts skip
-# what their --budget cannot fit, so a part never overruns its call. 50-step jobs are full 49 x 480 x 720 jobs with
-# a random full-size T5-XXL encode and the VAE decode, each under set_per_process_memory_fraction for its card.
+#   2      (none)                           lora_bench 5b rank 64; memory_plans 2b: uncapped fast       ~7.5 min
+#                                           reference, auto's pick at 12, 16 and 24 GiB (full 50-step jobs)
+#   3      (none)                           memory_plans 5b: reference, auto at 16 and 24 GiB           ~7 min
+#   4      (none)                           memory_plans 5b: auto at 12 GiB (offload, T5 on the CPU);   ~7 min
+#                                           lora_bench 5b under the offload plan (a LoRA merged into
+#                                           group-offloaded blocks with CUDA streams)
+# Parts 2-4 need only the set-up (the machine warm since 'setup'); whichever part runs first after 'setup' carries
+# [".fa4/p2", ".fa4/wheels"]. Estimates: the measured s/step (2b 0.44, 5b 1.19) and session 3's per-run overheads
+# (memory_plans.py: estimated_seconds); the scripts skip what their --budget cannot fit (listed in the JSON), so a
+# part never overruns its call. The memory_plans jobs are full 49 x 480 x 720 jobs: a random full-size T5-XXL
+# encode, 50 steps, the VAE decode, each under set_per_process_memory_fraction for its card.
 part=$1
 cd "$(dirname "$0")/.." || exit 3
 . benchmarks/gpu_session_lib.sh
@@ -43,21 +43,17 @@ case "$part" in
     ;;
   2)
     ensure_env
-    step lora_5b 240 python3 benchmarks/lora_bench.py --model 5b --rank 64 --steps 8 --out "$OUT/lora_5b.json" $TINY
-    mem mem_2b_24_16 260 --models 2b --caps 24,16 --plans auto ;;
+    step lora_5b 140 python3 benchmarks/lora_bench.py --model 5b --rank 64 --steps 8 --out "$OUT/lora_5b.json" $TINY
+    mem mem_2b 370 --models 2b --caps 24,16,12 --plans auto ;;
   3)
     ensure_env
-    mem mem_2b_12 190 --models 2b --caps 12 --plans auto --no-reference
-    mem mem_5b_24 300 --models 5b --caps 24 --plans auto ;;
+    mem mem_5b_24_16 470 --models 5b --caps 24,16 --plans auto ;;
   4)
     ensure_env
-    mem mem_5b_16_12 470 --models 5b --caps 16,12 --plans auto --no-reference ;;
-  5)
-    ensure_env
-    step lora_5b_offload 240 python3 benchmarks/lora_bench.py --model 5b --rank 64 --steps 4 --memory offload \
-        --out "$OUT/lora_5b_offload.json" $TINY
-    mem mem_2b_offload_12 200 --models 2b --caps 12 --plans offload --no-reference ;;
+    mem mem_5b_12 250 --models 5b --caps 12 --plans auto --no-reference
+    step lora_5b_offload 220 python3 benchmarks/lora_bench.py --model 5b --rank 64 --steps 4 --memory offload \
+        --out "$OUT/lora_5b_offload.json" $TINY ;;
   *)
-    echo "usage: $0 setup|1|2|3|4|5"; exit 2 ;;
+    echo "usage: $0 setup|1|2|3|4"; exit 2 ;;
 esac
 say "part $part done"

@@ -58,15 +58,16 @@ from common import (ROOT, Results, StepTimer, build_text_encoder, build_transfor
 
 GiB = 2 ** 30
 PROMPT = "a panda playing the guitar in a bamboo forest, cinematic"
-# Run-time estimates for the --budget check (one H200, compiled blocks, flash-attn-4): s/step of the fast plan
-# (measured 2026-11-29); the rest are guesses until measured: the offload plan's factor, per run the process start,
-# building the random models on the GPU, moving them and decoding; the first run's compile and FA4 JIT (later
-# runs hit Inductor's and FA4's caches on disk); T5-XXL encoding on the CPU.
+# Run-time estimates for the --budget check, one H200 with compiled blocks and flash-attn-4, from session 3's runs
+# (BENCHMARKS.md; 2026-11-29): s/step of the fast plan; offload's step factor (1.04 on 5b, 1.13 on 2b); per run
+# the process start, building the random models on the GPU, moving what the plan keeps on the CPU (and pinning it
+# for offload), T5 moving to the GPU and back, the decode; T5 encoding on the CPU instead; the first run's compile
+# and FA4 JIT on a machine whose caches are cold (a guess).
 S_PER_STEP = {"2b": 0.44, "5b": 1.19, "1.5-5b": 4.0}
-OFFLOAD_FACTOR = 1.6
-RUN_OVERHEAD_S = {"2b": 40.0, "5b": 55.0, "1.5-5b": 90.0}
+OFFLOAD_FACTOR = 1.15
+RUN_OVERHEAD_S = {"fast": 30.0, "low": 60.0, "offload": 80.0}
 FIRST_RUN_EXTRA_S = 45.0
-TEXT_ON_CPU_S = 60.0
+TEXT_ON_CPU_S = 10.0
 
 
 def cap_bytes_for(card: str | float | None, context_gib: float) -> int | None:
@@ -93,7 +94,7 @@ def estimated_seconds(name: str, plan, steps: int, tiny: bool, first: bool = Fal
     if tiny:
         return 60.0
     per_step = S_PER_STEP.get(name, 4.0) * (OFFLOAD_FACTOR if plan.name == "offload" else 1.0)
-    return (RUN_OVERHEAD_S.get(name, 90.0) + (FIRST_RUN_EXTRA_S if first else 0.0) + steps * per_step
+    return (RUN_OVERHEAD_S[plan.name] + (FIRST_RUN_EXTRA_S if first else 0.0) + steps * per_step
             + (TEXT_ON_CPU_S if plan.text == "cpu" else 0.0))
 
 
