@@ -428,7 +428,7 @@ class _FactoredWeights:
         terms.up = terms.down = terms.row = terms.col = None
 
     @classmethod
-    def base(cls, module) -> torch.Tensor:
+    def unmodified(cls, module) -> torch.Tensor:
         """The weight without the LoRA terms, whole (gathered when FSDP shards the stored tensor), fp32."""
         from torch.distributed.tensor import DTensor
 
@@ -460,7 +460,7 @@ class _FactoredWeights:
                 ups.append(up * (scale * strength))
                 downs.append(down)
                 continue
-            base = cls.base(module).to(device) if base is None else base  # DoRA: W's norms
+            base = cls.unmodified(module).to(device) if base is None else base  # DoRA: W's norms
             v = base + scale * (up @ down)
             m = layer.magnitude.to(device).float().reshape(-1)
             if m.numel() == up.shape[0]:  # per output row: W(1 + s(c-1)) + s c scale up @ down

@@ -450,20 +450,31 @@ def test_per_input_dora_refused_on_sharded_rows(tmp_path, tiny_path):
     factors = random_factors(config, rank=4, seed=3, targets=("ff.net.0.proj",))
     magnitudes = {k: torch.rand(down.shape[1]) + 0.5 for k, (down, _) in factors.items()}
     path = write_random_lora(tmp_path / "dora_in.safetensors", factors, "kohya", alpha=4.0, dora=magnitudes)
-    results = run_world(2, _per_input_dora_rank, tiny_path("5b"), str(path))
-    assert all("DoRA scale per input channel" in r for r in results)
+    good, _, _ = _lora(tmp_path, tiny_path, "5b", "peft", None, seed=28)
+    results = run_world(2, _per_input_dora_rank, tiny_path("5b"), str(path), str(good))
+    for refused, restored, merged in results:
+        assert "DoRA scale per input channel" in refused
+        assert restored and merged
     engine = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", loras=[(str(path), 1.0)])  # unsharded: applied
     assert engine.loras[0]["layers"] == config["num_layers"]
 
 
-def _per_input_dora_rank(rank, path, lora):
+def _per_input_dora_rank(rank, path, lora, good):
+    """The refusal; and a LoRA merged before the weights were sharded (an engine built for one rank, then bound to
+    two) is merged again into the shards, so clearing it restores each rank's rows."""
     groups = ParallelGroups.create(Layout(2, 1, 1))
     engine = CogVideoEngine(str(path), dtype="fp32", groups=groups, memory="low")
     try:
         engine.set_loras([(lora, 1.0)])
+        refused = "applied"
     except LoraError as error:
-        return str(error)
-    return "applied"
+        refused = str(error)
+    late = CogVideoEngine(str(path), dtype="fp32", memory="low", loras=[(good, 1.0)])
+    late.rebind(groups, "auto")  # shards now
+    local = lambda e: e.transformer.transformer_blocks[0].attn1.to_k.weight.to_local().clone()  # noqa: E731
+    merged = local(late)
+    late.set_loras([])
+    return refused, torch.equal(local(late), local(engine)), not torch.equal(merged, local(engine))
 
 
 def test_offload_plan_merges_and_switches_like_the_fast_plan(tmp_path, tiny_path, base_latents):
