@@ -136,6 +136,8 @@ class CogVideoEngine:
         if self._placed:
             return
         world = self.groups.layout.world_size
+        active = self.lora.specs
+        self.lora.clear()  # the saved originals describe the unsharded weights: merge again once placed
         if self.memory.name == "low" and world > 1:
             from .parallel.fsdp import shard_transformer
 
@@ -147,6 +149,7 @@ class CogVideoEngine:
         else:
             self.transformer.to(self.device)
         self._placed = True
+        self.lora.set(active)
 
     def optimize(self, options="auto"):
         """Turn on single-GPU speed-ups (``comfyui_xdit_cogvideo.optimize``): ``"auto"`` = the exact ones measured
