@@ -418,8 +418,8 @@ def untiled_decode_peak(vae_path: Path | None, frames: int, height: int, width: 
     the VAE's weights (from its safetensors headers; the published VAE's size without a path), the whole-frame
     activations (``DECODE_BYTES_PER_PIXEL``, fitted to the 19.1 GiB measured for 49 x 480 x 720 in bf16) and the
     decoded video. What the automatic decode choice compares with the first rank's free memory."""
-    weights = sum(_header_counts(vae_path).values()) if vae_path is not None else COGVIDEOX_VAE
-    sizes = ModelSizes(0, 0, 0, vae=weights, vae_width=_vae_width(vae_path))
+    weights = sum(header_counts(vae_path).values()) if vae_path is not None else COGVIDEOX_VAE
+    sizes = ModelSizes(0, 0, 0, vae=weights, vae_width=vae_width(vae_path))
     job = JobShape(frames, height, width, 1, dtype_bytes)
     return weights * dtype_bytes + decode_activations(height * width, sizes, dtype_bytes) + decode_output(job)
 
