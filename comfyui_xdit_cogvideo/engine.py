@@ -290,7 +290,7 @@ class CogVideoEngine:
         self._place()
         pipe = self._pipeline(r.scheduler)
         if self.optimizer is not None:
-            self.optimizer.new_job()
+            self.optimizer.new_job(r.steps)
         cancelled = False
 
         def step_end(pipe_, i, t, kwargs):
