@@ -419,6 +419,9 @@ def _generate(args) -> int:
     sampled = time.perf_counter()
     summary = {"latents_shape": list(latents.shape), "layout": str(layout), "devices": str(pool.devices),
                "memory": pool.last_plan.describe(), "sample_seconds": round(sampled - started, 3)}
+    status = pool.status()  # where the time went (worker start-up, load, compile policy, first step)
+    summary["timings"] = {"startup": status.get("startup"), "job": status.get("last_job"),
+                          "compile": status.get("compile")}
     if loras:
         summary["loras"] = [[lora.name, lora.strength] for lora in loras]
     if latents_out is not None:

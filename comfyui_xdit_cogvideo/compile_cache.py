@@ -192,8 +192,8 @@ class Warmup:
 
     def start(self) -> "Warmup":
         self.lock.parent.mkdir(parents=True, exist_ok=True)
-        if self.lock.exists() and _alive(self.lock.read_text().strip()):
-            self.state = "elsewhere"  # another process warms the same key
+        if not self._take_lock():
+            self.state = "elsewhere"  # another process (another rank, another pool) warms the same key
             return self
         spec = self.lock.with_suffix(".job")
         spec.write_text(json.dumps(self.job))
@@ -202,11 +202,30 @@ class Warmup:
             self.proc = subprocess.Popen([sys.executable, "-m", "comfyui_xdit_cogvideo.compile_cache", str(spec)],
                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=_child_setup, env=_child_env())
+        except OSError:
+            self.lock.unlink(missing_ok=True)
+            raise
         finally:
             log.close()
         self.lock.write_text(str(self.proc.pid))
         self.state = "running"
         return self
+
+    def _take_lock(self) -> bool:
+        """Create the lock file exclusively; a lock left by a process that is gone is taken over."""
+        for _ in range(2):
+            try:
+                os.close(os.open(self.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                return True
+            except FileExistsError:
+                try:
+                    holder = self.lock.read_text().strip()
+                except OSError:
+                    holder = ""
+                if not holder or _alive(holder):  # empty: its creator is writing its pid right now
+                    return False
+                self.lock.unlink(missing_ok=True)
+        return False
 
     def poll(self) -> str:
         """running, done, failed (exit code in the state), timeout, or elsewhere."""

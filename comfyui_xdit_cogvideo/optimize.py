@@ -431,7 +431,11 @@ class Optimizer:
         job = {"key": key, "device": str(x.device), "dtype": str(x.dtype).split(".")[-1],
                "options": asdict(self.options), "config": cc.model_config(self.transformer),
                "pre": self._pre_args_spec, "post": cc.args_spec(post_args), "inductor_cache": str(cc.cache_root())}
-        self.warmups[key] = cc.Warmup(key, job).start()
+        try:
+            self.warmups[key] = cc.Warmup(key, job).start()
+        except OSError as error:  # the cache folder is read-only or full: this job is not affected
+            self.report["why"] += f" -- the warm-up could not start: {error}"
+            return
         self.report["warmup"] = self.warmups[key]
 
     def compile_report(self) -> dict:

@@ -654,6 +654,8 @@ class WorkerPool:
                 ",".join(sorted({r.backend for r in self._ranks if r.backend})) or "unknown",
                 "world_size": self.world_size, "ranks": ranks,
                 "model": leader.get("model"), "layout": leader.get("layout"), "loads": leader.get("loads", 0),
+                "startup": leader.get("startup") or {}, "last_job": leader.get("last_job") or {},
+                "compile": leader.get("compile") or {},
                 "job": dict(self._job) if self._job else None, "jobs_done": self._jobs_done,
                 "starts": self._starts, "started_at": self._started_at, "last_error": self._last_error,
                 "last_decode": self.last_decode.describe() if self.last_decode is not None else None,
