@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# These benchmarks measure steady-state speed: compile the first run of a shape (the default policy would run it
+# eager while a background process compiles). cold_start.py measures the default policy itself.
+os.environ.setdefault("XDIT_COGVIDEO_COMPILE", "always")
+
 TEXT_LEN = 226
 
 # Published diffusers configs (THUDM/CogVideoX-2b, -5b, CogVideoX1.5-5b transformer/config.json).

@@ -37,6 +37,15 @@ __all__ = ["OptimizeOptions", "Optimizer", "optimize_transformer", "Fp8Linear", 
 COMPILE_POLICIES = ("auto", "always")
 
 
+def default_compile_policy() -> str:
+    """``auto``, unless $XDIT_COGVIDEO_COMPILE says ``always`` (benchmarks of steady-state speed set it, so their
+    first run of a shape is compiled, not eager while a warm-up runs)."""
+    value = os.environ.get("XDIT_COGVIDEO_COMPILE") or "auto"
+    if value not in COMPILE_POLICIES:
+        raise ValueError(f"XDIT_COGVIDEO_COMPILE must be one of {', '.join(COMPILE_POLICIES)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class OptimizeOptions:
     """What to turn on. ``OptimizeOptions.parse`` reads ``"auto"``, ``"none"``, a dict, or ``"fuse,compile,..."``.
@@ -97,11 +106,11 @@ class OptimizeOptions:
             return cls(**value)
         cuda = torch.device(device).type == "cuda"
         if value is True or value == "auto":
-            return cls() if cuda else None
+            return cls(compile_policy=default_compile_policy()) if cuda else None
         if not isinstance(value, str):
             raise ValueError(f"optimize must be 'auto', 'none', a dict or OptimizeOptions, got {value!r}")
         exact = dict(fuse_qkv=True, compile=True, contiguous_v=True, gelu_epilogue=True)
-        options = cls(**{k: False for k in exact})
+        options = cls(compile_policy=default_compile_policy(), **{k: False for k in exact})
         names = {f.name for f in fields(cls)}
         for part in (p.strip() for p in value.split(",") if p.strip()):
             key, _, arg = part.partition("=")

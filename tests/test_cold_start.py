@@ -35,6 +35,22 @@ def test_policy_flags():
         OptimizeOptions.parse("compile_policy=sometimes", "cuda")
 
 
+def test_benchmarks_compile_always_and_cold_start_measures_auto(monkeypatch):
+    monkeypatch.setenv("XDIT_COGVIDEO_COMPILE", "always")
+    assert OptimizeOptions.parse("auto", "cuda").compile_policy == "always"
+    assert OptimizeOptions.parse("fuse,compile", "cpu").compile_policy == "always"
+    monkeypatch.setenv("XDIT_COGVIDEO_COMPILE", "never")
+    with pytest.raises(ValueError, match="XDIT_COGVIDEO_COMPILE.*'never'"):
+        OptimizeOptions.parse("auto", "cuda")
+    monkeypatch.delenv("XDIT_COGVIDEO_COMPILE")
+    code = ("import os, sys; sys.path.insert(0, 'benchmarks'); import common; a = os.environ['XDIT_COGVIDEO_COMPILE']; "
+            "import cold_start; print(a, os.environ['XDIT_COGVIDEO_COMPILE'])")
+    env = {k: v for k, v in os.environ.items() if k != "XDIT_COGVIDEO_COMPILE"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.split() == ["always", "auto"], result.stderr[-2000:]
+
+
 def test_pays_off_weighs_the_named_costs(monkeypatch):
     monkeypatch.setattr(cc, "COLD_COMPILE_S", 45.0)
     monkeypatch.setattr(cc, "COMPILED_STEP_GAIN", 0.1)
@@ -169,3 +185,28 @@ def test_warm_up_then_cache_hit_in_a_new_process(tiny_path, tmp_path):
     assert cache["fx_hit"] >= 1 and cache["fx_miss"] == 0 and cache["aot_miss"] == 0, cache
     eager, compiled = torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt")
     assert _rel(compiled, eager) < 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_pool_status_names_where_the_time_went(tiny_path, monkeypatch):
+    """Worker start-up phases, the job's phases and the compile policy's decision reach pool.status(); the
+    workers take their optimize options from XDIT_COGVIDEO_OPTIMIZE."""
+    from comfyui_xdit_cogvideo.pool import ModelSpec, WorkerPool
+
+    tiny_path("2b")
+    monkeypatch.setenv("XDIT_COGVIDEO_OPTIMIZE", "fuse")
+    pool = WorkerPool("cpu:1", echo_output=False)
+    try:
+        request = GenerationRequest(prompt="a cat", frames=9, height=32, width=48, steps=2, seed=1)
+        pool.generate(ModelSpec("tiny", dtype="fp32"), request)
+        status = pool.status()
+        assert {"spawn_s", "imports_s", "process_group_s", "engine_imports_s"} <= set(status["startup"]), status
+        job = status["last_job"]
+        assert job["loaded"] and {"load_s", "configure_s", "text_s", "place_s", "first_step_s",
+                                  "other_steps_s"} <= set(job), job
+        assert status["compile"]["why"] == "eager: compile off" and status["compile"]["policy"] == "off"
+        assert {"pre_s", "attention_s", "post_s"} <= set(status["compile"]["first_block"])
+        pool.generate(ModelSpec("tiny", dtype="fp32"), request)
+        assert pool.status()["last_job"]["loaded"] is False
+    finally:
+        pool.shutdown()
