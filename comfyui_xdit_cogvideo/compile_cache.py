@@ -17,7 +17,7 @@ How the cache is warmed, of three candidates:
 (b) is what we do: a separate, low-priority (``nice``) process builds one block of this model with the same
     options, calls the two compiled graphs once on tensors of the recorded shapes and strides, and so fills the
     same on-disk caches. It needs one block's weights and activations on the device (checked against free
-    memory), dies with its parent (``PR_SET_PDEATHSIG``) and is killed after ``WARM_TIMEOUT_S``. A job that
+    memory), dies with its parent (``PR_SET_PDEATHSIG``) and ends itself after ``WARM_TIMEOUT_S``. A job that
     starts while it runs stays eager; the first job after it finishes finds the marker and compiles from cache.
     The switch to compiled is never made inside a job, so one job's latents come from one path (both are exact
     up to bf16 rounding, tests/test_optimize.py).
@@ -45,7 +45,7 @@ import torch
 COLD_COMPILE_S = 45.0       # Dynamo + Inductor for the two block graphs of one shape, nothing cached
 COMPILED_STEP_GAIN = 0.12   # fraction of an eager step the compiled graphs save
 DECIDE_AT_STEP = 2          # the step whose eager duration is measured (steps 0 and 1 include kernel JITs)
-WARM_TIMEOUT_S = 900.0      # a warm-up process that has not finished by then is killed
+WARM_TIMEOUT_S = 900.0      # a warm-up process that has not finished by then ends itself
 WARM_MIN_FREE_BYTES = 8 << 30  # a GPU warm-up starts only with this much device memory free
 
 MARKERS = "xdit-compiled"
@@ -232,14 +232,15 @@ class Warmup:
         if self.proc is None or self.state not in ("running",):
             return self.state
         code = self.proc.poll()
-        if code is None and time.monotonic() - self.started > WARM_TIMEOUT_S:
-            self.proc.kill()
-            code = self.proc.wait()
+        if code is None:
+            return self.state
+        if code == -signal.SIGALRM:
             self.state = "timeout"
-        elif code is not None:
-            self.state = "done" if code == 0 and is_compiled(self.key) else f"failed (exit {code}, see {self.lock.with_suffix('.log')})"
-        if self.state != "running":
-            self.lock.unlink(missing_ok=True)
+        elif code == 0 and is_compiled(self.key):
+            self.state = "done"
+        else:
+            self.state = f"failed (exit {code}, see {self.lock.with_suffix('.log')})"
+        self.lock.unlink(missing_ok=True)
         return self.state
 
     def wait(self, timeout: float) -> str:
@@ -326,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m comfyui_xdit_cogvideo.compile_cache JOB.json (written by the compile policy)",
               file=sys.stderr)
         return 2
+    signal.alarm(int(WARM_TIMEOUT_S))  # a compile that hangs ends here (SIGALRM), whoever watches or not
     job = json.loads(Path(argv[0]).read_text())
     if job.get("inductor_cache"):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = job["inductor_cache"]

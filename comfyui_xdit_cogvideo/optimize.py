@@ -84,7 +84,8 @@ class OptimizeOptions:
 
     def __post_init__(self):
         if self.compile_policy not in COMPILE_POLICIES:
-            raise ValueError(f"compile policy must be one of {', '.join(COMPILE_POLICIES)}, got {self.compile_policy!r}")
+            raise ValueError(f"compile policy must be one of {', '.join(COMPILE_POLICIES)}, "
+                             f"got {self.compile_policy!r}")
 
     @property
     def active(self) -> bool:

@@ -114,7 +114,8 @@ def test_policy_auto_in_jobs(tiny_path, tmp_path, monkeypatch):
     monkeypatch.setattr(cc, "Warmup", _FakeWarmup)
     marked = []
     monkeypatch.setattr(cc, "mark_compiled", lambda key, info: marked.append(key))
-    reference = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="none").generate(GenerationRequest(**REQUEST))
+    plain = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="none")
+    reference = plain.generate(GenerationRequest(**REQUEST))
     engine = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="fuse,compile,contiguous_v")
     opt, calls = engine.optimizer, {"pre": 0, "post": 0}
 
