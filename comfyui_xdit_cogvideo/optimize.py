@@ -14,7 +14,8 @@ parallel layouts, stays outside the graphs, so compiling is safe on any layout a
 the *current* processor on every call (a pool that re-parallelizes for another layout needs no recompile of
 anything but new shapes). Graphs are compiled with ``dynamic=False`` per shape (one per layout and size) and
 cached on disk (Inductor's FX-graph and kernel caches under ``cache_dir``), so a restarted pool pays the
-compile once per machine, not once per process.
+compile once per machine, not once per process. Whether a job compiles at all is the compile policy's call
+(``compile_cache``: compiled when cached or when it pays off, else eager while a background process compiles).
 
 Nothing here syncs the host inside a step, except the opt-in step cache, which reads one scalar per step to
 decide whether to skip (documented in BENCHMARKS.md).
