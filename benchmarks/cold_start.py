@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, log, model_spec  # noqa: E402
+from common import add_folder_args, json_document, log, model_spec  # noqa: E402
 from pool_bench import PROMPT, build_folder  # noqa: E402
 
 os.environ["XDIT_COGVIDEO_COMPILE"] = "auto"  # the default policy is what this measures (common.py sets always)
@@ -142,18 +142,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--models", default="2b")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--models-dir", default="/tmp/models")
     p.add_argument("--cache-root", default=None, help="where the fresh caches go (default: a new temp folder)")
     p.add_argument("--warm-timeout", type=float, default=400.0)
-    p.add_argument("--no-diffusers", action="store_true")
     p.add_argument("--no-second-job", action="store_true", help="skip the job after the warm-up (saves time on 5b)")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda")
+    add_folder_args(p)
     args = p.parse_args(argv)
-    out: dict = {"command": " ".join(sys.argv), "env": environment(args.device), "models": {}}
-
-    def save():
-        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    out, save = json_document(args)
 
     root = Path(args.models_dir)
     root.mkdir(parents=True, exist_ok=True)

@@ -294,6 +294,24 @@ class Results:
 _T0 = time.time()
 
 
+def add_folder_args(p) -> None:
+    """The options every whole-job benchmark over random model folders shares (pool_bench, decode_bench, cold_start)."""
+    p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--models-dir", default="/tmp/models")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="cuda")
+
+
+def json_document(args) -> tuple[dict, "callable"]:
+    """The result document (command, environment, per-model rows) and a ``save`` that rewrites ``args.out``."""
+    out: dict = {"command": " ".join(sys.argv), "env": environment(args.device), "models": {}}
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+
+    return out, save
+
+
 def log(message: str) -> None:
     print(f"[{time.time() - _T0:7.1f}s] {message}", flush=True)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_vae, compare, environment, log, model_spec  # noqa: E402
+from common import add_folder_args, build_vae, compare, json_document, log, model_spec  # noqa: E402
 
 
 def build_folder(name: str, root: Path, tiny: bool, device: str) -> Path:
@@ -127,16 +127,10 @@ def main(argv=None) -> None:
     p.add_argument("--models", default="2b,5b")
     p.add_argument("--pools", default="0;0,1", help="';'-separated pool devices, e.g. '0;0,1;0,1,2,3' or 'cpu:2'")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-diffusers", action="store_true")
-    p.add_argument("--models-dir", default="/tmp/models")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda")
+    add_folder_args(p)
     args = p.parse_args(argv)
 
-    out: dict = {"command": " ".join(sys.argv), "env": environment(args.device), "models": {}}
-
-    def save():
-        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    out, save = json_document(args)
 
     root = Path(args.models_dir)
     root.mkdir(parents=True, exist_ok=True)
