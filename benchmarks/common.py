@@ -22,6 +22,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# These benchmarks measure steady-state speed: compile the first run of a shape (the default policy would run it
+# eager while a background process compiles). cold_start.py measures the default policy itself.
+os.environ.setdefault("XDIT_COGVIDEO_COMPILE", "always")
+
 TEXT_LEN = 226
 
 # Published diffusers configs (THUDM/CogVideoX-2b, -5b, CogVideoX1.5-5b transformer/config.json).
@@ -288,6 +292,24 @@ class Results:
 
 
 _T0 = time.time()
+
+
+def add_folder_args(p) -> None:
+    """The options every whole-job benchmark over random model folders shares (pool_bench, decode_bench, cold_start)."""
+    p.add_argument("--no-diffusers", action="store_true")
+    p.add_argument("--models-dir", default="/tmp/models")
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--device", default="cuda")
+
+
+def json_document(args) -> tuple[dict, "callable"]:
+    """The result document (command, environment, per-model rows) and a ``save`` that rewrites ``args.out``."""
+    out: dict = {"command": " ".join(sys.argv), "env": environment(args.device), "models": {}}
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+
+    return out, save
 
 
 def log(message: str) -> None:

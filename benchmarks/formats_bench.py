@@ -9,7 +9,7 @@ steps from random prompt embeddings:
     fp8-resident       the same file, matrices kept in fp8, each layer upcast when it runs
     fp8-scaled-upcast  ComfyUI's scaled fp8 (per-tensor scale_weight), upcast at load
 
-    python benchmarks/formats_bench.py --model 5b --out formats.json --dir /tmp/formats --steps 5
+    python benchmarks/formats_bench.py --model 5b --out formats.json --dir /tmp/formats --steps 5 --budget 420
     python benchmarks/formats_bench.py ... --formats fp8-resident,fp8-scaled-upcast   # files are reused
     python benchmarks/formats_bench.py --tiny --device cpu --out /tmp/f.json --dir /tmp/f   # CPU smoke test
 
@@ -35,25 +35,46 @@ from common import ROOT, Results, StepTimer, build_transformer, log, median_afte
 FORMATS = ("diffusers-folder", "native-bf16", "fp8-upcast", "fp8-resident", "fp8-scaled-upcast")
 
 
-def write_formats(name: str, folder: Path, tiny: bool, device: str = "cpu") -> dict[str, Path]:
+def write_formats(name: str, folder: Path, tiny: bool, device: str = "cpu", reuse: Path | None = None
+                  ) -> dict[str, Path]:
     """The model in every format under ``folder`` (kept between runs: files are only written when missing).
 
-    The random weights are made on ``device`` (fast on a GPU), then saved from the CPU."""
+    The random weights are made on ``device`` (fast on a GPU), then saved from the CPU. ``reuse``: an existing
+    diffusers folder of this model (e.g. /tmp/models/5b from pool_bench) taken as the diffusers-folder format and
+    as the weights of the others (saves its size on disk and the time to write it). Refuses, before writing, when
+    the disk lacks the room."""
+    import shutil
+
     from safetensors.torch import save_file
 
     from comfyui_xdit_cogvideo.formats import diffusers_to_native, to_fp8_storage
 
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"diffusers-folder": folder / "folder", "native-bf16": folder / "native_bf16.safetensors",
+    source = reuse if reuse is not None and (reuse / "transformer" / "config.json").exists() else folder / "folder"
+    paths = {"diffusers-folder": source, "native-bf16": folder / "native_bf16.safetensors",
              "fp8-upcast": folder / "fp8_e4m3fn.safetensors", "fp8-resident": folder / "fp8_e4m3fn.safetensors",
              "fp8-scaled-upcast": folder / "fp8_e4m3fn_scaled.safetensors"}
     if all(p.exists() for p in paths.values()):
         return paths
-    model = build_transformer(name, device, torch.bfloat16, tiny=tiny).to("cpu")
-    model.save_pretrained(paths["diffusers-folder"] / "transformer", max_shard_size="5GB")
+    from comfyui_xdit_cogvideo.memory import ModelSizes
+
+    elements = sum(p.numel() for p in build_transformer(name, "meta", tiny=tiny).parameters()) if tiny else \
+        ModelSizes.published(name).transformer
+    need = elements * (2 + 1 + 1 + (0 if source == reuse else 2)) + 2 ** 30
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise SystemExit(f"formats_bench: writing the {name} formats needs about {need / 2 ** 30:.1f} GiB in {folder}, "
+                         f"{free / 2 ** 30:.1f} GiB free; free some space or pass --reuse FOLDER")
+    if source == reuse:
+        from diffusers import CogVideoXTransformer3DModel
+
+        model = CogVideoXTransformer3DModel.from_pretrained(source / "transformer", torch_dtype=torch.bfloat16)
+    else:
+        model = build_transformer(name, device, torch.bfloat16, tiny=tiny).to("cpu")
+        model.save_pretrained(source / "transformer", max_shard_size="5GB")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     del model
-    config = (paths["diffusers-folder"] / "transformer" / "config.json").read_text()
+    config = (source / "transformer" / "config.json").read_text()
     save_file({"model.diffusion_model." + k: v for k, v in diffusers_to_native(state).items()},
               str(paths["native-bf16"]))
     save_file(to_fp8_storage(state), str(paths["fp8-upcast"]))
@@ -121,24 +142,36 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="sampling steps per format (the first 2 are warm-up)")
     p.add_argument("--formats", default=",".join(FORMATS))
     p.add_argument("--optimize", default="auto", help="engine optimizations (auto = the exact default set)")
+    p.add_argument("--reuse", help="an existing diffusers folder of the model (used as diffusers-folder and as the "
+                                   "weights of the other formats)")
+    p.add_argument("--budget", type=float, default=1e9, help="seconds from the start: a format starts only if "
+                                                            "--per-format fits what is left, and is killed at it")
+    p.add_argument("--per-format", type=float, default=75, help="expected seconds per format (load, compile, steps)")
     p.add_argument("--one", nargs=2, metavar=("FORMAT", "PATH"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print("RESULT " + json.dumps(measure(*args.one, args.model, args.device, args.steps, args.tiny,
                                              args.optimize)), flush=True)
         return
-    results = Results(args.out, budget_s=1e9)
+    results = Results(args.out, budget_s=args.budget)
     t0 = time.perf_counter()
     paths = write_formats(args.model, Path(args.dir) / (("tiny-" if args.tiny else "") + args.model), args.tiny,
-                          args.device)
+                          args.device, Path(args.reuse) if args.reuse else None)
     results.put("write_s", round(time.perf_counter() - t0, 1))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     for fmt in args.formats.split(","):
+        if results.left() < args.per_format:
+            results.skip(fmt, f"time budget: {results.left():.0f} s left, a format takes about {args.per_format:.0f} s")
+            continue
         log(f"{fmt}: {paths[fmt]}")
         cmd = [sys.executable, __file__, "--model", args.model, "--device", args.device, "--dir", args.dir,
                "--out", args.out, "--steps", str(args.steps), "--optimize", args.optimize,
                "--one", fmt, str(paths[fmt])] + (["--tiny"] if args.tiny else [])
-        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        try:
+            run = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=max(10.0, results.left()))
+        except subprocess.TimeoutExpired:
+            results.put(f"formats/{fmt}", {"error": "timed out (time budget)"})
+            continue
         lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
         if run.returncode or not lines:
             results.put(f"formats/{fmt}", {"error": run.stderr[-3000:]})

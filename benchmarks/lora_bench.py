@@ -2,11 +2,14 @@
 
     python benchmarks/lora_bench.py --model 5b --rank 64 --out /tmp/out/lora.json      # one H200, ~5 min
     python benchmarks/lora_bench.py --tiny --device cpu --steps 3 --out /tmp/lora.json  # CPU smoke test
+    python benchmarks/lora_bench.py --model 5b --memory offload --steps 4 --out /tmp/out/lora_offload.json
 
 Random full-size weights (benchmarks/common.py) and two random rank-``--rank`` LoRAs over every attention and
 feed-forward linear of every block, written as real safetensors files (one PEFT, one kohya with alpha) and
 loaded through the engine's LoRA path. Also measures what the rejected alternative (unmerge by subtracting the
-delta in bf16) would have cost in exactness, next to the bitwise restore the engine does.
+delta in bf16) would have cost in exactness, next to the bitwise restore the engine does, and checks that the
+weight a layer really computes with (captured in its forward) is the merged one, also under ``--memory offload``
+(diffusers group offloading with CUDA streams keeps pinned CPU copies: the merge must land in them).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="sampling steps per timed run (first 2 are warm-up)")
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--optimize", default="auto", help="engine optimize flags (auto = fused QKV + compile on CUDA)")
+    parser.add_argument("--memory", default="fast", choices=["fast", "offload"],
+                        help="memory plan: offload = blocks streamed from the CPU (diffusers group offloading)")
     parser.add_argument("--out", default="lora_bench.json")
     args = parser.parse_args(argv)
 
@@ -46,7 +51,8 @@ def main(argv=None) -> int:
     config = spec["transformer"]
     frames, height, width = spec["size"]
     result: dict = {"model": args.model, "tiny": args.tiny, "device": str(device), "rank": args.rank,
-                    "steps": args.steps, "size": [frames, height, width], "optimize": args.optimize}
+                    "steps": args.steps, "size": [frames, height, width], "optimize": args.optimize,
+                    "memory": args.memory}
 
     def save():
         Path(args.out).write_text(json.dumps(result, indent=2))
@@ -60,7 +66,9 @@ def main(argv=None) -> int:
     result["write_files_s"] = round(time.perf_counter() - t0, 2)
 
     transformer = build_transformer(args.model, device, dtype, tiny=args.tiny)
-    engine = CogVideoEngine.from_components(transformer, optimize=args.optimize)
+    if args.memory != "fast":
+        transformer.to("cpu")  # the plan streams the blocks from there
+    engine = CogVideoEngine.from_components(transformer, optimize=args.optimize, memory=args.memory, device=device)
     pos, neg = random_embeds(config["text_embed_dim"], "cpu", torch.float32)
     request = GenerationRequest(prompt_embeds=pos, negative_prompt_embeds=neg, frames=frames, height=height,
                                 width=width, steps=args.steps, guidance=6.0, seed=42)
@@ -94,9 +102,32 @@ def main(argv=None) -> int:
         print(label, entry, flush=True)
         save()
 
+    def seen_in_forward(label: str, expected: torch.Tensor) -> None:
+        """The weight block 0's ff.net.2 really computes with (captured inside its forward, wherever the plan keeps
+        it between steps) against the expected merged weight."""
+        layer = engine.transformer.transformer_blocks[0].ff.net[2]
+        seen = []
+        handle = layer.register_forward_pre_hook(lambda m, _: seen.append(m.weight.detach().float().cpu()))
+        try:
+            engine.generate(GenerationRequest(prompt_embeds=pos, negative_prompt_embeds=neg, frames=frames,
+                                              height=height, width=width, steps=1, guidance=6.0, seed=42))
+        finally:
+            handle.remove()
+        diff = (seen[0] - expected.float().cpu()).abs()
+        result[label] = {"max_abs": float(diff.max()), "max_abs_weight": float(expected.abs().max()),
+                         "differs_from_base": bool((seen[0] != originals["ff.net.2.weight"].float().cpu()).any())}
+        print(label, result[label], flush=True)
+        save()
+
     sample("without_lora")  # also compiles (warm-up steps excluded from the median)
     sample("without_lora_again")
     timed_set("merge_first", [(str(a), 1.0)])
+    from comfyui_xdit_cogvideo.lora import read_lora
+
+    factors = read_lora(str(a)).layers["transformer_blocks.0.ff.net.2"]
+    w = originals["ff.net.2.weight"]
+    merged = (w.float() + factors.up.to(w.device).float() @ factors.down.to(w.device).float()).to(w.dtype)
+    seen_in_forward("lora_applied_in_forward", merged)
     sample("with_lora")
     timed_set("switch_strength", [(str(a), 0.5)])
     timed_set("switch_lora", [(str(b), 1.0)])

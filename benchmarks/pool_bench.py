@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (build_text_encoder, build_transformer, build_vae, compare, environment, log,  # noqa: E402
-                    scheduler_for)
+from common import (add_folder_args, build_text_encoder, build_transformer, build_vae, compare,  # noqa: E402
+                    json_document, log, scheduler_for)
 
 PROMPT = "a red fox running through fresh snow, cinematic"
 
@@ -175,17 +175,11 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="auto")
     p.add_argument("--decode", default="tiled", choices=("tiled", "plain"))
-    p.add_argument("--no-diffusers", action="store_true")
-    p.add_argument("--models-dir", default="/tmp/models")
-    p.add_argument("--tiny", action="store_true")
-    p.add_argument("--device", default="cuda")
+    add_folder_args(p)
     args = p.parse_args(argv)
     from common import model_spec
 
-    out: dict = {"command": " ".join(sys.argv), "env": environment(args.device), "models": {}}
-
-    def save():
-        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+    out, save = json_document(args)
 
     root = Path(args.models_dir)
     root.mkdir(parents=True, exist_ok=True)

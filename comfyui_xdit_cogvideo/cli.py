@@ -25,7 +25,6 @@ import warnings
 from pathlib import Path
 
 PROG = "comfyui-xdit-cogvideo"  # the console script; ``python -m comfyui_xdit_cogvideo`` passes its own name
-VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv")  # kept in step with video.VIDEO_SUFFIXES (imported lazily)
 
 
 class CliError(Exception):
@@ -91,8 +90,10 @@ def _build_parser(prog: str = PROG) -> argparse.ArgumentParser:
     out.add_argument("--latents-out", help="safetensors file with key 'latents'")
     out.add_argument("--fps", type=float, help="default: 8 for CogVideoX 1.0, 16 for 1.5")
     out.add_argument("--decode", choices=["auto", "tiled", "plain"], default="auto",
-                     help="VAE decode: tiles spread over all ranks, or plain on rank 0 (auto: tiled with >1 rank)")
-    out.add_argument("--tile", help="decode tile size in pixels, HxW (default: the VAE's, 240x360)")
+                     help="VAE decode: tiles spread over all ranks, or plain (untiled) on rank 0; auto: plain when "
+                          "it fits rank 0's free memory and there are fewer than 3 ranks, else tiled (reported)")
+    out.add_argument("--tile", help="decode tile size in pixels, HxW (default: the VAE's, 240x360); implies tiled "
+                                    "under --decode auto")
     out.add_argument("--quiet", action="store_true", help="no progress or other lines on stderr (errors only)")
     out.add_argument("--verbose", action="store_true",
                      help="show worker output, third-party warnings and progress bars, and tracebacks on failure")
@@ -281,19 +282,25 @@ def _check_model_paths(args) -> None:
 
 
 def _check_output(path: str | None, suffixes: tuple[str, ...], flag: str) -> Path | None:
+    """``path`` checked as the writers check it (video.check_output_path), the error prefixed with ``flag``."""
     if path is None:
         return None
-    file = Path(path).expanduser()
-    if file.suffix.lower() not in suffixes:
-        raise CliError(f"{flag} must end with {' or '.join(suffixes)}, got {path!r}")
-    if file.is_dir():
-        raise CliError(f"{flag} {path!r} is a directory; give a file name inside it")
-    parent = file.parent
-    if not parent.is_dir():
-        raise CliError(f"{flag}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise CliError(f"{flag}: folder {str(parent)!r} is not writable")
-    return file
+    from .video import OutputPathError, check_output_path
+
+    try:
+        return check_output_path(path, suffixes)
+    except OutputPathError as error:
+        raise CliError(f"{flag}: {error}") from None
+
+
+def _expected_decode(tiled: bool | None, world: int) -> str:
+    """What the decode will most likely be, for the up-front memory check: ``tiled`` as forced, else what
+    pool.decode's automatic choice picks when memory is no constraint."""
+    from .vae_parallel import TILED_DECODE_MIN_RANKS
+
+    if tiled is None:
+        tiled = world >= TILED_DECODE_MIN_RANKS
+    return "tiled" if tiled else "plain"
 
 
 def _check_fps(value: float | None) -> None:
@@ -333,16 +340,16 @@ class _Progress:
 def _generate(args) -> int:
     # Everything the user typed is checked first, in this order, before any model is built (tiny models are built
     # on first use) and before any worker starts: output paths and fps, then input files, devices, model paths.
+    from .video import VIDEO_SUFFIXES, VideoWriteError, check_encoder
+
     output = _check_output(args.output, VIDEO_SUFFIXES, "--output")
     latents_out = _check_output(args.latents_out, (".safetensors",), "--latents-out")
     if output is None and latents_out is None:
         raise CliError("nothing to write: give --output FILE.mp4 and/or --latents-out FILE.safetensors")
     _check_fps(args.fps)
-    if output is not None:
-        from .video import VideoWriteError, ffmpeg_exe
-
+    if output is not None:  # imageio-ffmpeg importable, its binary runs and encodes H.264 (a 2-frame clip)
         try:
-            ffmpeg_exe()
+            check_encoder()
         except VideoWriteError as error:
             raise CliError(f"--output: {error}") from None
     tiling = _parse_tile(args.tile)
@@ -386,11 +393,13 @@ def _generate(args) -> int:
     world = pool_devices.world_size
     layout = choose_layout(world, heads=info.heads, use_cfg=resolved.use_cfg, cfg=args.cfg, ulysses=args.ulysses,
                            ring=args.ring)
-    tiled = args.decode == "tiled" or (args.decode == "auto" and world > 1)
+    # None = automatic (pool.decode chooses from rank 0's free memory and the rank count, and says why)
+    tiled = {"tiled": True, "plain": False}.get(args.decode, True if tiling else None)
     tile = (tiling.sample_height, tiling.sample_width) if tiling else (480, 720)
     if args.memory == "fast" or pool_devices.kind == "cpu":  # GPUs under the other plans: the detailed planner
         check_memory(info, resolved, layout, dtype, resolved_source, pool_devices,  # (memory.py) in pool.generate
-                     decode=None if output is None else "tiled" if tiled else "plain", tile=tile, label=info.display)
+                     decode=None if output is None else _expected_decode(tiled, world), tile=tile,
+                     label=info.display)
     fps = args.fps or (16 if info.version == "1.5" else 8)
     if output is not None:  # the real writer on one frame of the real size: folder, container, size and fps
         from .video import VideoWriteError, check_writable
@@ -410,6 +419,9 @@ def _generate(args) -> int:
     sampled = time.perf_counter()
     summary = {"latents_shape": list(latents.shape), "layout": str(layout), "devices": str(pool.devices),
                "memory": pool.last_plan.describe(), "sample_seconds": round(sampled - started, 3)}
+    status = pool.status()  # where the time went (worker start-up, load, compile policy, first step)
+    summary["timings"] = {"startup": status.get("startup"), "job": status.get("last_job"),
+                          "compile": status.get("compile")}
     if loras:
         summary["loras"] = [[lora.name, lora.strength] for lora in loras]
     if latents_out is not None:
@@ -420,13 +432,12 @@ def _generate(args) -> int:
     if output is not None:
         from .video import write_video
 
-        if args.decode == "auto" and pool.last_plan.decode_tile is not None:
-            tiled = True  # the memory plan needs tiles to fit, even on one GPU
         frames = pool.decode(spec, latents, frames=resolved.frames, tiled=tiled, on_event=progress, tiling=tiling)
+        say(f"decode {pool.last_decode.describe()}")
         write_video(output, frames, fps=fps)
         summary.update(output=str(output), frames=int(frames.shape[0]), width=int(frames.shape[2]),
                        height=int(frames.shape[1]), fps=fps, decode_seconds=round(time.perf_counter() - sampled, 3),
-                       decode="tiled" if tiled else "plain")
+                       decode=pool.last_decode.mode, decode_choice=pool.last_decode.describe())
     say("wrote " + ", ".join(str(p) for p in (output, latents_out) if p is not None))
     print(json.dumps(summary), flush=True)
     return 0

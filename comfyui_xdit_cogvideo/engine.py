@@ -7,6 +7,7 @@ forward is shared out. The leader (rank 0) encodes text once and broadcasts the 
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -97,6 +98,7 @@ class CogVideoEngine:
         from .lora import LoraManager
 
         self.optimizer = None
+        self.timings: dict = {}  # the last generate's phases, in seconds (pool status, CLI summary)
         self.lora = LoraManager(self.transformer)
         self.optimize(optimize)  # before sharding: fusing QKV rewrites the weights
         self.rebind(self.groups, attention)
@@ -136,6 +138,8 @@ class CogVideoEngine:
         if self._placed:
             return
         world = self.groups.layout.world_size
+        active = self.lora.specs
+        self.lora.clear()  # the saved originals describe the unsharded weights: merge again once placed
         if self.memory.name == "low" and world > 1:
             from .parallel.fsdp import shard_transformer
 
@@ -147,6 +151,7 @@ class CogVideoEngine:
         else:
             self.transformer.to(self.device)
         self._placed = True
+        self.lora.set(active)
 
     def optimize(self, options="auto"):
         """Turn on single-GPU speed-ups (``comfyui_xdit_cogvideo.optimize``): ``"auto"`` = the exact ones measured
@@ -283,15 +288,28 @@ class CogVideoEngine:
         """Latents shaped like ``CogVideoXPipeline(output_type="latent").frames`` (on CPU, model dtype)."""
         r = request.resolved(self.info)
         check_layout(self.groups.layout, heads=self.info.heads, use_cfg=r.use_cfg)
+        clock = [time.perf_counter()]
+        self.timings = timings = {}
+
+        def lap(name: str) -> None:  # seconds since the previous lap, synchronised (a few per job)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            clock.append(time.perf_counter())
+            timings[name] = round(clock[-1] - clock[-2], 3)
+
         positive, negative = self._embeddings(r)
+        lap("text_s")
         self._place()
+        lap("place_s")
         pipe = self._pipeline(r.scheduler)
         if self.optimizer is not None:
-            self.optimizer.new_job()
+            self.optimizer.new_job(r.steps)
         cancelled = False
 
         def step_end(pipe_, i, t, kwargs):
             nonlocal cancelled
+            if i == 0:
+                lap("first_step_s")  # from the pipeline's start: compile or cache load, kernel JIT, one step
             stop = bool(should_cancel and should_cancel())
             if self.groups.layout.world_size > 1:
                 flag = torch.tensor([int(stop)])
@@ -315,6 +333,7 @@ class CogVideoEngine:
         if self.info.image_to_video:
             kwargs["image"] = start_image(r.image, r.height, r.width)
         latents = pipe(**kwargs).frames
+        lap("other_steps_s")
         if cancelled:
             raise GenerationCancelled("generation cancelled")
         if not torch.isfinite(latents).all():  # decoded, these give a black video that looks like success

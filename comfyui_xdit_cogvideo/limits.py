@@ -26,12 +26,12 @@ The detailed per-phase memory plans live elsewhere; keep this one small and cons
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from .memory import header_counts, vae_width
 
 ACTIVATION_WIDTH = 16
 DECODE_FRAMES = 8
@@ -82,31 +82,9 @@ class MemoryEstimate:
 
 
 def safetensors_elements(path: Path | None) -> int:
-    """Number of tensor elements in a .safetensors file or in every .safetensors of a folder (headers only)."""
-    if path is None:
-        return 0
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    total = 0
-    for file in files:
-        try:
-            with open(file, "rb") as f:
-                size = struct.unpack("<Q", f.read(8))[0]
-                header = json.loads(f.read(size))
-        except (OSError, ValueError, struct.error):
-            continue  # the loader reports unreadable weights with a better message
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total
-
-
-def _vae_width(vae: Path | None) -> int:
-    """Channels of the decoder's full-resolution block (128 for the published VAE)."""
-    config = (vae / "config.json") if vae is not None and vae.is_dir() else None
-    if config is not None and config.exists():
-        try:
-            return int(json.loads(config.read_text())["block_out_channels"][0])
-        except (KeyError, ValueError, IndexError, TypeError):
-            pass
-    return 128
+    """Number of tensor elements in a .safetensors file or in every .safetensors of a folder (headers only;
+    unreadable or truncated files count nothing: the loader reports them with a better message)."""
+    return sum(header_counts(path, strict=False).values())
 
 
 def estimate_memory(info, request, layout, dtype: str, resolved, *, leader: bool, decode: str | None,
@@ -130,7 +108,7 @@ def estimate_memory(info, request, layout, dtype: str, resolved, *, leader: bool
     if decode is not None:
         h, w = (min(tile[0], request.height), min(tile[1], request.width)) if decode == "tiled" else \
             (request.height, request.width)
-        decoded = DECODE_FACTOR * _vae_width(resolved.vae) * DECODE_FRAMES * h * w * size
+        decoded = DECODE_FACTOR * vae_width(resolved.vae) * DECODE_FRAMES * h * w * size
         if leader:
             decoded += OUTPUT_COPIES * request.frames * request.height * request.width * 3 * 4
     return MemoryEstimate(weights * size, activations, decoded)

@@ -10,13 +10,18 @@ Switching LoRAs or strengths never reloads the base model: before a layer is fir
 computed from that copy, ``W = round(W_orig + sum_i delta_i)`` in fp32, so unmerging is a bitwise restore and a
 switch gives bitwise the weights a fresh load with the new set would give. The cost is CPU memory equal to the
 touched weights (5b, every attention and feed-forward linear: ~10 GB per rank in bf16; attention only: ~3.2 GB).
+Under FSDP (memory plan ``low``) a rank saves and rewrites only the rows of each weight it holds; under group
+offloading the weights rest on the CPU between steps and are merged there. Weights computed on every use from a
+stored tensor (fp8-resident storage, a parametrization) are never rewritten: the LoRAs stay beside them as
+low-rank factors (``_LoraTerms``), because rounding ``W + delta`` to fp8 would lose most of the delta.
 
 Formats (safetensors only), detected from the key names:
 - diffusers / PEFT: ``transformer.transformer_blocks.N.attn1.to_q.lora_A.weight`` / ``lora_B.weight``; alpha from
   ``.alpha`` keys or diffusers' ``lora_adapter_metadata`` (``lora_alpha``, ``r``, patterns, rsLoRA); none = scale 1.
 - ``lora_down.weight`` / ``lora_up.weight`` (+ ``.alpha``) under any of the names below.
 - kohya: ``lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight`` + ``.alpha`` (scale alpha / rank).
-- ComfyUI-native names: ``diffusion_model.blocks.N.q...`` and ``lora_unet_blocks_N_q...``.
+- ComfyUI-native names: ``diffusion_model.blocks.N.q...`` and ``lora_unet_blocks_N_q...`` (renamed through
+  ``formats``' name table, the one the model loader uses).
 - DoRA: PEFT ``lora_magnitude_vector`` and LyCORIS/kohya ``dora_scale``, applied exactly:
   ``W + strength * (m * V / ||V|| - W)`` with ``V = W + scale * up @ down``, the norm per output row (per input
   column when the scale has one value per input), as PEFT and LyCORIS compute it; strength interpolates as in
@@ -35,6 +40,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .formats import diffusers_to_native_key
 from .variants import ModelError
 
 __all__ = ["LoraError", "LoraSpec", "LoraManager", "read_lora", "register_weight_adapter", "write_random_lora"]
@@ -93,33 +99,6 @@ def as_specs(loras) -> tuple[LoraSpec, ...]:
         else:
             raise LoraError(f"a LoRA is a path, 'FILE:STRENGTH' or (path, strength); got {item!r}")
     return tuple(out)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# ComfyUI-native names <-> diffusers names, for the layers a LoRA can target (comfy/ldm/cogvideo/model.py,
-# ComfyUI 0.33). Kept to this one table so it can be replaced by the model-weights name mapping when that lands.
-
-_NATIVE_BLOCK = {
-    "norm1.linear": "norm1.linear", "q": "attn1.to_q", "k": "attn1.to_k", "v": "attn1.to_v",
-    "attn_out": "attn1.to_out.0", "norm2.linear": "norm2.linear", "ff_proj": "ff.net.0.proj", "ff_out": "ff.net.2",
-}
-_NATIVE_TOP = {
-    "patch_embed.proj": "patch_embed.proj", "patch_embed.text_proj": "patch_embed.text_proj",
-    "time_embedding_linear_1": "time_embedding.linear_1", "time_embedding_linear_2": "time_embedding.linear_2",
-    "ofs_embedding_linear_1": "ofs_embedding.linear_1", "ofs_embedding_linear_2": "ofs_embedding.linear_2",
-    "norm_out.linear": "norm_out.linear", "proj_out": "proj_out",
-}
-_TO_NATIVE_BLOCK = {v: k for k, v in _NATIVE_BLOCK.items()}
-_TO_NATIVE_TOP = {v: k for k, v in _NATIVE_TOP.items()}
-
-
-def native_name(diffusers_name: str) -> str | None:
-    """ComfyUI's native module name for a diffusers CogVideoX module name, or None if it has none."""
-    m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", diffusers_name)
-    if m:
-        inner = _TO_NATIVE_BLOCK.get(m.group(2))
-        return None if inner is None else f"blocks.{m.group(1)}.{inner}"
-    return _TO_NATIVE_TOP.get(diffusers_name)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,39 +246,89 @@ def read_lora(path: str) -> LoraFile:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Where a module's weight physically lives, and how to read / write it.
+# Where a module's weight physically lives, and how to read / write it. ``rows``: the target's rows of the whole
+# weight (its slice of a fused QKV weight), ``None`` = all of it. Under FSDP (memory plan ``low``) a rank holds
+# only some rows of each weight: it saves and rewrites those rows, with the matching rows of the delta.
 
-class _PlainWeights:
-    """nn.Linear / nn.Conv2d (or anything with a ``weight`` tensor): rows of ``weight`` are the output channels."""
+def _local_rows(weight: torch.Tensor, rows: slice | None) -> tuple[torch.Tensor, slice | None]:
+    """(this rank's storage of the target's rows, which of the target's rows they are; ``None`` = all of them).
+
+    A plain tensor holds every row. An FSDP2-sharded parameter (a DTensor sharded on dim 0 the way ``torch.chunk``
+    splits it: ceil(N / ranks) rows per rank, the last ranks' chunks shorter or empty) holds one run of rows."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(weight, DTensor):
+        return (weight if rows is None else weight[rows]), None
+    total = weight.shape[0]
+    rows = rows or slice(0, total)
+    if tuple(weight.placements) != (Shard(0),):
+        raise RuntimeError(f"LoRA merge: a weight sharded as {weight.placements}, expected FSDP's Shard(0)")
+    local = weight.to_local()
+    ranks, rank = weight.device_mesh.size(), weight.device_mesh.get_local_rank()
+    chunk = -(-total // ranks)
+    offset = min(total, rank * chunk)
+    if local.shape[0] != max(0, min(chunk, total - offset)):
+        raise RuntimeError(f"LoRA merge: rank {rank} holds {local.shape[0]} of {total} rows, not the "
+                           f"torch.chunk split over {ranks} ranks this merge assumes")
+    lo, hi = max(rows.start, offset), min(rows.stop, offset + local.shape[0])
+    hi = max(lo, hi)
+    return local[lo - offset:hi - offset], slice(lo - rows.start, hi - rows.start)
+
+
+class _WrittenWeights:
+    """Weights the merge rewrites in place: ``merge`` = saved original (fp32) + every delta, written back."""
+
+    @classmethod
+    def part(cls, module, rows) -> slice | None:
+        return None
+
+    @classmethod
+    def merge(cls, module, rows, saved, terms) -> None:
+        part = cls.part(module, rows)
+        if part is not None and part.start == part.stop:
+            return  # this rank holds none of the target's rows
+        base = cls.base(module, rows, saved)
+        merged = base
+        for layer, scale, strength in terms:
+            merged = merged + _delta(layer, scale, strength, base, part)
+        cls.write(module, rows, merged)
+
+
+class _PlainWeights(_WrittenWeights):
+    """nn.Linear / nn.Conv2d (or anything with a ``weight`` tensor): rows of ``weight`` are the output channels;
+    an FSDP-sharded weight is merged in this rank's rows only."""
 
     @staticmethod
     def shape(module, rows) -> tuple:
         shape = tuple(module.weight.shape)
         return shape if rows is None else (rows.stop - rows.start, *shape[1:])
 
+    @classmethod
+    def part(cls, module, rows) -> slice | None:
+        return _local_rows(module.weight, rows)[1]
+
     @staticmethod
     def save(module, rows):
-        w = module.weight if rows is None else module.weight[rows]
+        w = _local_rows(module.weight, rows)[0]
         saved = torch.empty(w.shape, dtype=w.dtype, device="cpu", pin_memory=w.is_cuda)
         saved.copy_(w)
         return saved
 
     @staticmethod
     def base(module, rows, saved) -> torch.Tensor:
-        return saved.to(module.weight.device, non_blocking=True).float()
+        return saved.to(_local_rows(module.weight, rows)[0].device, non_blocking=True).float()
 
     @staticmethod
     def write(module, rows, value: torch.Tensor) -> None:
-        w = module.weight if rows is None else module.weight[rows]
-        w.copy_(value)
+        _local_rows(module.weight, rows)[0].copy_(value)
 
     @staticmethod
     def restore(module, rows, saved) -> None:
-        w = module.weight if rows is None else module.weight[rows]
+        w = _local_rows(module.weight, rows)[0]
         w.copy_(saved.to(w.device, non_blocking=True))
 
 
-class _Fp8RowScaledWeights:
+class _Fp8RowScaledWeights(_WrittenWeights):
     """``optimize.Fp8Linear``: e4m3 weight [N, K] with one fp32 scale per output row; a merge dequantizes the
     saved original rows, adds the delta in fp32 and requantizes with fresh per-row scales (in place)."""
 
@@ -338,17 +367,133 @@ class _Fp8RowScaledWeights:
         s.copy_(saved[1].to(s.device))
 
 
+class _LoraTerms(nn.Module):
+    """The last parametrization of a weight that is computed when its layer runs (fp8-resident storage, loaded
+    with ``--weights fp8``): ``W' = W * (1 + row + col) + up @ down`` in fp32, cast to W's dtype.
+
+    The stored fp8 weight is never rewritten: rounding ``W + delta`` to e4m3 (3 mantissa bits, ~6% steps) would
+    lose most of a typical LoRA's change. The LoRAs stay as their low-rank factors beside it (strength and alpha
+    folded into ``up``, several LoRAs stacked along the rank; DoRA as the row or column gains), so the result is
+    exactly the fp8 base plus the LoRA at the compute precision, for the memory of the factors only and one small
+    matmul per layer call (rank x (in + out) x out). Plain attributes, not buffers: group offloading's pinned
+    copies are made once for the buffers it finds."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = self.down = self.row = self.col = None
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.up is None:
+            return weight
+        device = weight.device
+        out = weight.float()
+        if self.row is not None:
+            out = out * (1 + self.row.to(device) + (0 if self.col is None else self.col.to(device)))
+        elif self.col is not None:
+            out = out * (1 + self.col.to(device))
+        out = out + (self.up.to(device) @ self.down.to(device)).float()
+        return out.to(weight.dtype)
+
+
+class _FactoredWeights:
+    """A parametrized weight (``module.weight`` computed from a stored tensor on every use, e.g. fp8-resident):
+    the LoRAs are kept as factors in a ``_LoraTerms`` parametrization appended to the chain; nothing is saved."""
+
+    @staticmethod
+    def _chain(module):
+        return module.parametrizations.weight
+
+    @classmethod
+    def shape(cls, module, rows) -> tuple:
+        return tuple(cls._chain(module).original.shape)
+
+    @classmethod
+    def _terms(cls, module) -> "_LoraTerms":
+        from torch.nn.utils import parametrize
+
+        found = [p for p in cls._chain(module) if isinstance(p, _LoraTerms)]
+        if found:
+            return found[0]
+        parametrize.register_parametrization(module, "weight", _LoraTerms(), unsafe=True)
+        return cls._chain(module)[-1]
+
+    @classmethod
+    def save(cls, module, rows):
+        cls._terms(module)
+        return ()
+
+    @classmethod
+    def restore(cls, module, rows, saved) -> None:
+        terms = cls._terms(module)
+        terms.up = terms.down = terms.row = terms.col = None
+
+    @classmethod
+    def unmodified(cls, module) -> torch.Tensor:
+        """The weight without the LoRA terms, whole (gathered when FSDP shards the stored tensor), fp32."""
+        from torch.distributed.tensor import DTensor
+
+        chain = cls._chain(module)
+        weight = chain.original
+        if isinstance(weight, DTensor):  # gathered as bytes: gloo (and older NCCL) move no float8
+            local = weight.to_local()
+            raw = DTensor.from_local(local.view(torch.uint8), weight.device_mesh, weight.placements,
+                                     shape=weight.shape, stride=weight.stride())
+            weight = raw.full_tensor().view(local.dtype)
+        for step in chain:
+            if not isinstance(step, _LoraTerms):
+                weight = step(weight)
+        return weight.float()
+
+    @classmethod
+    def merge(cls, module, rows, saved, terms) -> None:
+        from torch.distributed.tensor import DTensor
+
+        stored = cls._chain(module).original
+        device = stored.to_local().device if isinstance(stored, DTensor) else stored.device
+        dtype = next((s.dtype for s in cls._chain(module) if isinstance(getattr(s, "dtype", None), torch.dtype)),
+                     torch.float32)
+        ups, downs, row, col, base = [], [], None, None, None
+        for layer, scale, strength in terms:
+            up = layer.up.to(device).float().reshape(layer.up.shape[0], -1)
+            down = layer.down.to(device).float().reshape(layer.down.shape[0], -1)
+            if layer.magnitude is None:
+                ups.append(up * (scale * strength))
+                downs.append(down)
+                continue
+            base = cls.unmodified(module).to(device) if base is None else base  # DoRA: W's norms
+            v = base + scale * (up @ down)
+            m = layer.magnitude.to(device).float().reshape(-1)
+            if m.numel() == up.shape[0]:  # per output row: W(1 + s(c-1)) + s c scale up @ down
+                gain = (m / v.norm(dim=1)).reshape(-1, 1)
+                row = (0 if row is None else row) + strength * (gain - 1)
+                ups.append(up * (gain * (strength * scale)))
+                downs.append(down)
+            else:  # per input column
+                gain = (m / v.norm(dim=0)).reshape(1, -1)
+                col = (0 if col is None else col) + strength * (gain - 1)
+                ups.append(up * (strength * scale))
+                downs.append(down * gain)
+        target = cls._terms(module)
+        target.up, target.down = torch.cat(ups, dim=1).to(dtype), torch.cat(downs, dim=0).to(dtype)
+        target.row, target.col = row, col
+
+
 _ADAPTERS: dict[type, object] = {nn.Linear: _PlainWeights, nn.Conv2d: _PlainWeights}
 
 
 def register_weight_adapter(cls: type, adapter) -> None:
     """Teach the merge a new weight storage (e.g. another fp8 layout): ``adapter`` has ``shape(module, rows)``,
-    ``save(module, rows)``, ``base(module, rows, saved) -> fp32``, ``write(module, rows, fp32)``, and
-    ``restore(module, rows, saved)``; every write must be in place so compiled graphs stay valid."""
+    ``save(module, rows)``, ``restore(module, rows, saved)`` and ``merge(module, rows, saved, terms)`` (a
+    ``_WrittenWeights`` subclass provides ``merge`` from ``base(module, rows, saved) -> fp32`` and
+    ``write(module, rows, fp32)``); every write must be in place so compiled graphs stay valid."""
     _ADAPTERS[cls] = adapter
 
 
 def _adapter(module):
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        return _FactoredWeights
     for cls in type(module).__mro__:
         if cls in _ADAPTERS:
             return _ADAPTERS[cls]
@@ -359,32 +504,52 @@ def _adapter(module):
     return None
 
 
+def _has_weight(module) -> bool:
+    """Whether a module the adapters know holds a weight (without computing a parametrized one)."""
+    from torch.nn.utils import parametrize
+
+    if isinstance(module, (nn.Linear, nn.Conv2d)) and not parametrize.is_parametrized(module, "weight"):
+        return module._parameters.get("weight") is not None
+    return True
+
+
+_QKV = ("to_q", "to_k", "to_v")
+
+
 def _physical(transformer, target: str):
     """(module holding the weight, row slice or None) for a diffusers module name; with fused QKV the q/k/v
-    weights are rows of ``to_qkv`` (whatever the q/k/v modules still hold)."""
+    weights are rows of ``to_qkv`` (whatever the q/k/v modules still hold; FSDP drops them)."""
     parent_name, _, leaf = target.rpartition(".")
-    if leaf in ("to_q", "to_k", "to_v"):
+    if leaf in _QKV:
         parent = transformer.get_submodule(parent_name)
         if getattr(parent, "fused_projections", False) and getattr(parent, "to_qkv", None) is not None:
-            sizes = [parent.to_q.out_features, parent.to_k.out_features, parent.to_v.out_features]
-            start = sum(sizes[:("to_q", "to_k", "to_v").index(leaf)])
-            return parent.to_qkv, slice(start, start + sizes[("to_q", "to_k", "to_v").index(leaf)])
+            size = _adapter(parent.to_qkv).shape(parent.to_qkv, None)[0] // 3  # CogVideoX: q, k, v equal widths
+            start = _QKV.index(leaf) * size
+            return parent.to_qkv, slice(start, start + size)
     return transformer.get_submodule(target), None
 
 
 def _targets(transformer) -> dict[str, str]:
-    """Every spelling a LoRA may use for a weight-holding module -> its diffusers name (fused to_qkv/to_kv are
-    internal and never targets)."""
+    """Every spelling a LoRA may use for a weight-holding module -> its diffusers name (fused to_qkv is internal
+    and never a target: its q/k/v rows are, under their own names)."""
     names: dict[str, str] = {}
-    for name, module in transformer.named_modules():
-        if not name or name.endswith((".to_qkv", ".to_kv")) or ".to_qkv." in name:
-            continue
-        if _adapter(module) is None or (isinstance(module, (nn.Linear, nn.Conv2d)) and module.weight is None):
-            continue
-        for alias in (name, native_name(name)):
+
+    def add(name: str) -> None:
+        for alias in (name, diffusers_to_native_key(name)):
             if alias:
                 names.setdefault(alias, name)
                 names.setdefault(alias.replace(".", "_"), name)
+
+    for name, module in transformer.named_modules():
+        if not name or ".to_qkv." in name or ".to_kv." in name or name.endswith(".to_kv"):
+            continue
+        if name.endswith(".to_qkv"):
+            for leaf in _QKV:
+                add(name.rpartition(".")[0] + "." + leaf)
+            continue
+        if _adapter(module) is None or not _has_weight(module):
+            continue
+        add(name)
     return names
 
 
@@ -466,6 +631,11 @@ class LoraManager:
             if layer.magnitude is not None and layer.magnitude.numel() not in (out_features, in_features):
                 raise LoraError(f"LoRA {spec.name}: DoRA scale of {module!r} has {layer.magnitude.numel()} values; "
                                 f"expected {out_features} (per output channel) or {in_features}")
+            part = getattr(_adapter(physical), "part", lambda *_: None)(physical, rows)
+            if layer.magnitude is not None and layer.magnitude.numel() != out_features and part is not None:
+                raise LoraError(f"LoRA {spec.name}: layer {module!r} has a DoRA scale per input channel, which "
+                                "needs the whole weight; under memory plan 'low' each rank holds only some rows "
+                                "of it: use memory plan 'fast' or 'offload' for this LoRA")
         return _Prepared(spec, lora, matched)
 
     @torch.no_grad()
@@ -488,11 +658,8 @@ class LoraManager:
             adapter = _adapter(module)
             if target not in self._saved:
                 self._saved[target] = adapter.save(module, rows)
-            base = adapter.base(module, rows, self._saved[target])
-            merged = base
-            for p, name in uses:
-                merged = merged + _delta(p.file.layers[name], p.file.scale_of[name], p.spec.strength, base)
-            adapter.write(module, rows, merged)
+            adapter.merge(module, rows, self._saved[target],
+                          [(p.file.layers[name], p.file.scale_of[name], p.spec.strength) for p, name in uses])
         self.active = prepared
         keep = {(os.path.realpath(p.spec.path)) for p in prepared}
         self._files = {k: v for k, v in self._files.items() if k[0] in keep}
@@ -502,18 +669,24 @@ class LoraManager:
         self.set(())
 
 
-def _delta(layer: LoraLayer, scale: float, strength: float, base: torch.Tensor) -> torch.Tensor:
-    """fp32 change of one weight: ``strength * scale * up @ down``, or for DoRA ``strength * (m V/||V|| - W)``."""
+def _delta(layer: LoraLayer, scale: float, strength: float, base: torch.Tensor,
+           part: slice | None = None) -> torch.Tensor:
+    """fp32 change of one weight: ``strength * scale * up @ down``, or for DoRA ``strength * (m V/||V|| - W)``;
+    ``part``: only these output rows (``base`` holds just them: a rank's FSDP shard)."""
     device = base.device
     up = layer.up.to(device).float().reshape(layer.up.shape[0], -1)
+    rows = up.shape[0]
+    if part is not None:
+        up = up[part]
     down = layer.down.to(device).float().reshape(layer.down.shape[0], -1)
     product = up @ down
     if layer.magnitude is None:
         return (product * (scale * strength)).reshape(base.shape)
-    w = base.reshape(base.shape[0], -1)
+    w = base.reshape(base.shape[0], down.shape[1])
     v = w + product * scale
     m = layer.magnitude.to(device).float().reshape(-1)
-    if m.numel() == v.shape[0]:
+    if m.numel() == rows:
+        m = m if part is None else m[part]
         dora = v * (m / v.norm(dim=1)).reshape(-1, 1)
     else:
         dora = v * (m / v.norm(dim=0)).reshape(1, -1)
@@ -562,9 +735,10 @@ def write_random_lora(path: str | Path, factors: dict, fmt: str = "peft", alpha:
         elif fmt == "kohya":
             base, a, b = "lora_unet_" + name.replace(".", "_"), ".lora_down.weight", ".lora_up.weight"
         elif fmt == "comfyui":
-            base, a, b = f"diffusion_model.{native_name(name)}", ".lora_A.weight", ".lora_B.weight"
+            base, a, b = f"diffusion_model.{diffusers_to_native_key(name)}", ".lora_A.weight", ".lora_B.weight"
         elif fmt == "comfyui_kohya":
-            base, a, b = "lora_unet_" + native_name(name).replace(".", "_"), ".lora_down.weight", ".lora_up.weight"
+            base = "lora_unet_" + diffusers_to_native_key(name).replace(".", "_")
+            a, b = ".lora_down.weight", ".lora_up.weight"
         else:
             raise ValueError(f"unknown LoRA format {fmt!r}")
         tensors[base + a], tensors[base + b] = down.to(dtype).contiguous(), up.to(dtype).contiguous()

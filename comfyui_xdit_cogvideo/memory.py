@@ -22,7 +22,10 @@ buffers and fragmentation.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import struct
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -104,50 +107,74 @@ class ModelSizes:
     def of_source(cls, resolved, info) -> "ModelSizes":
         """Sizes read from the checkpoints' safetensors headers (no tensor is loaded), plus the buffers the
         transformer builds itself (2b's sin-cos position table)."""
-        counts = _header_counts(resolved.transformer)
+        counts = header_counts(resolved.transformer)
         total = sum(counts.values())
         blocks: dict[str, int] = {}
         for key, n in counts.items():
-            parts = key.split(".")
-            if "transformer_blocks" in parts:
-                i = parts.index("transformer_blocks")
-                blocks[parts[i + 1]] = blocks.get(parts[i + 1], 0) + n
+            match = _BLOCK_KEY.search(key)
+            if match:
+                blocks[match.group(1)] = blocks.get(match.group(1), 0) + n
         block = max(blocks.values(), default=0)
         if not info.rotary and not info.learned_positions:  # 2b: a non-persistent sin-cos buffer
             frames = (info.sample_frames - 1) // 4 + 1
             total += (info.text_len + frames * (info.sample_height // info.patch_size)
                       * (info.sample_width // info.patch_size)) * info.heads * info.head_dim
-        text = sum(_header_counts(resolved.text_encoder).values()) if resolved.text_encoder else 0
-        vae = sum(_header_counts(resolved.vae).values()) if resolved.vae else 0
-        return cls(total, block, info.layers, text, vae, _vae_width(resolved.vae))
+        text = sum(header_counts(resolved.text_encoder).values()) if resolved.text_encoder else 0
+        vae = sum(header_counts(resolved.vae).values()) if resolved.vae else 0
+        return cls(total, block, info.layers, text, vae, vae_width(resolved.vae))
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    return sorted(path.glob("*.safetensors"))
+def safetensors_files(path: Path) -> list[Path]:
+    """The file itself, or every .safetensors of a folder (a sharded checkpoint), sorted."""
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
 
 
-def _header_counts(path: Path | None) -> dict[str, int]:
-    """Element count per tensor name, from safetensors headers only."""
-    from safetensors import safe_open
+def header_counts(path: Path | str | None, strict: bool = True) -> dict[str, int]:
+    """Element count per tensor name of a .safetensors file, or of every .safetensors file in a folder, from the
+    headers only (no tensor is read). The one reader behind every size estimate (``limits`` and the plans).
 
+    A file whose header cannot be parsed, or whose data is shorter than its header says (an interrupted download),
+    raises ValueError naming it; with ``strict=False`` such files are left out (the loader names them better)."""
     counts: dict[str, int] = {}
     if path is None:
         return counts
-    for file in _safetensors_files(Path(path)):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                counts[key] = math.prod(f.get_slice(key).get_shape())
+    for file in safetensors_files(Path(path)):
+        try:
+            counts.update(_file_counts(file))
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error) as error:
+            if strict:
+                raise ValueError(f"cannot read the safetensors header of {file}: {error}") from None
     return counts
 
 
-def _vae_width(path: Path | None) -> int:
-    import json
+def _file_counts(file: Path) -> dict[str, int]:
+    with open(file, "rb") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(size))
+    counts, end = {}, 0
+    for key, entry in header.items():
+        if key != "__metadata__":
+            counts[key] = math.prod(entry["shape"])
+            end = max(end, int(entry["data_offsets"][1]))
+    if 8 + size + end > file.stat().st_size:
+        raise ValueError(f"the header describes {8 + size + end} bytes but the file has {file.stat().st_size} "
+                         "(truncated)")
+    return counts
 
-    if path is not None and Path(path).is_dir() and (Path(path) / "config.json").exists():
-        return int(json.loads((Path(path) / "config.json").read_text()).get("block_out_channels", [128])[0])
+
+def vae_width(path: Path | None) -> int:
+    """Channels of the VAE decoder's full-resolution block, from a VAE folder's config (128 for the published
+    VAE, and when there is no readable config)."""
+    config = Path(path) / "config.json" if path is not None and Path(path).is_dir() else None
+    if config is not None and config.exists():
+        try:
+            return int(json.loads(config.read_text())["block_out_channels"][0])
+        except (KeyError, ValueError, IndexError, TypeError):
+            pass
     return 128
+
+
+_BLOCK_KEY = re.compile(r"(?:^|\.)(?:transformer_)?blocks\.(\d+)\.")  # diffusers and ComfyUI-native names
 
 
 @dataclass(frozen=True)
@@ -371,11 +398,9 @@ def device_budget(memory: dict | None) -> int | None:
 def plan_job(spec, info, request, layout: Layout, rank_memory: list[dict | None]) -> MemoryPlan:
     """The plan for a pool job: ``spec`` a pool ModelSpec (its ``memory`` mode), ``request`` resolved,
     ``rank_memory`` each rank's heartbeat memory figures (CUDA: free/reserved; CPU ranks: no limit)."""
-    from safetensors import SafetensorError
-
     try:
         sizes = ModelSizes.of_source(spec.source.resolve(), info)
-    except (OSError, SafetensorError) as error:  # unreadable weights fail where they load, in the workers
+    except (OSError, ValueError) as error:  # unreadable weights fail where they load, in the workers
         mode = check_mode(spec.memory)
         return replace(MemoryPlan.default(mode, layout.world_size), requested=mode,
                        notes=(f"no size estimate: {error}",))
@@ -386,3 +411,22 @@ def plan_job(spec, info, request, layout: Layout, rank_memory: list[dict | None]
     job = JobShape.of(request, info, dtype_bytes)
     budgets = [device_budget(m) for m in list(rank_memory)[:layout.world_size]]
     return plan_memory(spec.memory, sizes, info, job, layout, budgets)
+
+
+def untiled_decode_peak(vae_path: Path | None, frames: int, height: int, width: int, dtype_bytes: int = 2) -> int:
+    """Estimated peak bytes of one untiled VAE decode of a ``frames`` x ``height`` x ``width`` video on one device:
+    the VAE's weights (from its safetensors headers; the published VAE's size without a path), the whole-frame
+    activations (``DECODE_BYTES_PER_PIXEL``, fitted to the 19.1 GiB measured for 49 x 480 x 720 in bf16) and the
+    decoded video. What the automatic decode choice compares with the first rank's free memory."""
+    weights = sum(header_counts(vae_path).values()) if vae_path is not None else COGVIDEOX_VAE
+    sizes = ModelSizes(0, 0, 0, vae=weights, vae_width=vae_width(vae_path))
+    job = JobShape(frames, height, width, 1, dtype_bytes)
+    return weights * dtype_bytes + decode_activations(height * width, sizes, dtype_bytes) + decode_output(job)
+
+
+def decode_budget(memory: dict | None) -> int | None:
+    """Bytes one rank may plan to use for a decode from its heartbeat memory figures: free now plus what its
+    allocator caches but does not use (the resident model stays), after the margin. ``None`` for CPU ranks."""
+    if not memory or memory.get("free") is None:
+        return None
+    return usable(int(memory["free"]) + int(memory.get("reserved") or 0) - int(memory.get("allocated") or 0))

@@ -14,7 +14,8 @@ parallel layouts, stays outside the graphs, so compiling is safe on any layout a
 the *current* processor on every call (a pool that re-parallelizes for another layout needs no recompile of
 anything but new shapes). Graphs are compiled with ``dynamic=False`` per shape (one per layout and size) and
 cached on disk (Inductor's FX-graph and kernel caches under ``cache_dir``), so a restarted pool pays the
-compile once per machine, not once per process.
+compile once per machine, not once per process. Whether a job compiles at all is the compile policy's call
+(``compile_cache``: compiled when cached or when it pays off, else eager while a background process compiles).
 
 Nothing here syncs the host inside a step, except the opt-in step cache, which reads one scalar per step to
 decide whether to skip (documented in BENCHMARKS.md).
@@ -23,6 +24,7 @@ decide whether to skip (documented in BENCHMARKS.md).
 from __future__ import annotations
 
 import os
+import time
 import types
 from dataclasses import dataclass, fields, replace
 
@@ -32,6 +34,17 @@ import torch.nn as nn
 from .parallel.attention import joint_heads, pack_qkv, project_qkv
 
 __all__ = ["OptimizeOptions", "Optimizer", "optimize_transformer", "Fp8Linear", "StepCache"]
+
+COMPILE_POLICIES = ("auto", "always")
+
+
+def default_compile_policy() -> str:
+    """``auto``, unless $XDIT_COGVIDEO_COMPILE says ``always`` (benchmarks of steady-state speed set it, so their
+    first run of a shape is compiled, not eager while a warm-up runs)."""
+    value = os.environ.get("XDIT_COGVIDEO_COMPILE") or "auto"
+    if value not in COMPILE_POLICIES:
+        raise ValueError(f"XDIT_COGVIDEO_COMPILE must be one of {', '.join(COMPILE_POLICIES)}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,9 @@ class OptimizeOptions:
 
     - ``fuse_qkv``: one [3D x D] projection instead of three (diffusers' ``Attention.fuse_projections``); exact.
     - ``compile``: torch.compile the blocks' elementwise work (pre/post attention graphs); exact up to bf16
-      rounding of fused elementwise ops.
+      rounding of fused elementwise ops. ``compile_policy`` ``auto`` (flag ``compile=auto``) compiles a job only
+      when the graphs are cached or compiling pays off within it, else runs it eager and warms the cache in the
+      background (``compile_cache``); ``always`` (``compile=always``) compiles every job.
     - ``step_cache``: first-block cache threshold (0 = off). When the first block's output residual changed by
       less than this (relative L1) since the last fully computed step, the other blocks are skipped and their
       cached residual is reused. Inexact; at most ``step_cache_max_skips`` skips in a row, and the first
@@ -58,6 +73,7 @@ class OptimizeOptions:
 
     fuse_qkv: bool = True
     compile: bool = True
+    compile_policy: str = "auto"
     compile_mode: str | None = None
     cache_dir: str | None = None
     step_cache: float = 0.0
@@ -66,6 +82,11 @@ class OptimizeOptions:
     fp8: bool = False
     contiguous_v: bool = True
     gelu_epilogue: bool = True
+
+    def __post_init__(self):
+        if self.compile_policy not in COMPILE_POLICIES:
+            raise ValueError(f"compile policy must be one of {', '.join(COMPILE_POLICIES)}, "
+                             f"got {self.compile_policy!r}")
 
     @property
     def active(self) -> bool:
@@ -87,11 +108,11 @@ class OptimizeOptions:
             return cls(**value)
         cuda = torch.device(device).type == "cuda"
         if value is True or value == "auto":
-            return cls() if cuda else None
+            return cls(compile_policy=default_compile_policy()) if cuda else None
         if not isinstance(value, str):
             raise ValueError(f"optimize must be 'auto', 'none', a dict or OptimizeOptions, got {value!r}")
         exact = dict(fuse_qkv=True, compile=True, contiguous_v=True, gelu_epilogue=True)
-        options = cls(**{k: False for k in exact})
+        options = cls(compile_policy=default_compile_policy(), **{k: False for k in exact})
         names = {f.name for f in fields(cls)}
         for part in (p.strip() for p in value.split(",") if p.strip()):
             key, _, arg = part.partition("=")
@@ -100,6 +121,8 @@ class OptimizeOptions:
                 options = replace(options, **{k: cuda for k in exact})
             elif key.startswith("no") and key[2:] in {"fuse", "compile", "fp8", "contiguous_v", "gelu_epilogue"}:
                 options = replace(options, **{{"fuse": "fuse_qkv"}.get(key[2:], key[2:]): False})
+            elif key == "compile" and arg in COMPILE_POLICIES:
+                options = replace(options, compile=True, compile_policy=arg)
             elif key in names:
                 field_type = {f.name: f.type for f in fields(cls)}[key]
                 if not arg:
@@ -114,8 +137,8 @@ class OptimizeOptions:
                     parsed = arg
                 options = replace(options, **{key: parsed})
             else:
-                raise ValueError(f"unknown optimize flag {part!r}; flags: auto, none, fuse, compile, contiguous_v, "
-                                 "gelu_epilogue, fp8, cache=THRESHOLD, mode=MODE, nofuse, nocompile, ...")
+                raise ValueError(f"unknown optimize flag {part!r}; flags: auto, none, fuse, compile, compile=always, "
+                                 "contiguous_v, gelu_epilogue, fp8, cache=THRESHOLD, mode=MODE, nofuse, nocompile, ...")
         return options if options.active else None
 
 
@@ -267,7 +290,12 @@ class StepCache:
 
 
 class Optimizer:
-    """The state ``optimize_transformer`` attaches to a transformer (``transformer._xdit_optimizer``)."""
+    """The state ``optimize_transformer`` attaches to a transformer (``transformer._xdit_optimizer``).
+
+    With ``compile`` on, every job is compiled or eager as ``compile_policy`` decides (``compile_cache``); the
+    first block of a job is timed (synchronised: compile or cache load, attention with its kernel JIT) and
+    ``compile_report`` says what happened, for the pool's status and the CLI summary.
+    """
 
     def __init__(self, transformer, options: OptimizeOptions):
         self.options = options
@@ -275,15 +303,23 @@ class Optimizer:
         self.blocks = list(transformer.transformer_blocks)
         self.cache = StepCache(options.step_cache, options.step_cache_max_skips, options.step_cache_warmup) \
             if options.step_cache > 0 and len(self.blocks) > 1 else None
-        self.compiled = options.compile
+        self.compiled = options.compile  # this job runs the compiled graphs (the policy decides per job)
+        self.compile_failed = False
+        self.warmups: dict = {}
+        self.report: dict = {}
+        self.new_job()
         if options.compile:
             _setup_compile_cache(options.cache_dir)
             self._pre_c, self._post_c = _compiled(options.compile_mode)
 
     def pre(self, *args):
+        if args[0]._xdit_index == 0 and self._step_begins(args):
+            return self._timed_first("pre", self._pre_c if self.compiled else None, _block_pre, args)
         return self._call(self._pre_c, _block_pre, args) if self.compiled else _block_pre(*args)
 
     def post(self, *args):
+        if self._timing is not None:
+            return self._timed_first("post", self._post_c if self.compiled else None, _block_post, args)
         return self._call(self._post_c, _block_post, args) if self.compiled else _block_post(*args)
 
     def _call(self, compiled, eager, args):
@@ -295,19 +331,155 @@ class Optimizer:
             import warnings
 
             warnings.warn(f"torch.compile failed ({type(error).__name__}: {error}); continuing without it")
-            self.compiled = False
+            self.compiled, self.compile_failed = False, True
+            self.report["why"] = f"eager: compile failed ({type(error).__name__})"
             return eager(*args)
 
-    def new_job(self) -> None:
-        """Forget step-cache state between generations (the engine calls this before each job)."""
+    # -- the compile policy ------------------------------------------------------------------------------
+    def new_job(self, steps: int | None = None) -> None:
+        """Forget per-job state (step cache, policy decision); the engine calls this before each job."""
         if self.cache is not None:
             self.cache.reset()
+        self._steps, self._step, self._stamps = steps, -1, {}
+        self._key = self._timing = self._pre_args_spec = None
+        self.report = {"policy": self.options.compile_policy if self.options.compile else "off"}
+
+    def _now(self, like: torch.Tensor) -> float:
+        if like.is_cuda:
+            torch.cuda.synchronize(like.device)
+        return time.perf_counter()
+
+    def _step_begins(self, args) -> bool:
+        """At block 0 of each transformer call; True when this call's first block is to be timed."""
+        from . import compile_cache as cc
+
+        self._step += 1
+        if self._step == 0:
+            self._decide(args)
+            return True
+        if self.compiled or not self.options.compile or self.compile_failed \
+                or self.options.compile_policy != "auto" or self._steps is None:
+            return False
+        if self._step in (cc.DECIDE_AT_STEP - 1, cc.DECIDE_AT_STEP):
+            self._stamps[self._step] = self._now(args[1])
+        if self._step == cc.DECIDE_AT_STEP and cc.DECIDE_AT_STEP - 1 in self._stamps:
+            eager_step = self._stamps[cc.DECIDE_AT_STEP] - self._stamps[cc.DECIDE_AT_STEP - 1]
+            self.report["eager_step_s"] = round(eager_step, 4)
+            if cc.pays_off(self._steps - self._step, eager_step):
+                self.compiled = True
+                self.report["why"] = f"compiled from step {self._step}: pays off within this job"
+                return True
+        return False
+
+    def _decide(self, args) -> None:
+        from . import compile_cache as cc
+
+        if not self.options.compile or self.compile_failed:
+            self.compiled = False
+            self.report["why"] = "eager: compile failed earlier" if self.compile_failed else "eager: compile off"
+            return
+        spec = self._pre_args_spec = cc.args_spec(args)
+        key = compile_key_of(self.transformer, self.options, spec, args[1].device)
+        self._key, self.report["key"] = key, key
+        if key in _IN_MEMORY:
+            self.compiled, why = True, "compiled: already compiled in this process"
+        elif cc.is_compiled(key):
+            self.compiled, why = True, "compiled: cache hit"
+            loaded = cc.load_artifacts(key)
+            if loaded is not None:
+                self.report["artifacts_load_s"] = loaded
+        elif self.options.compile_policy == "always":
+            self.compiled, why = True, "compiled: policy always, first run of this shape"
+        else:
+            self.compiled, why = False, "eager: first run of this shape, compiling for next time"
+        self.report["why"] = why
+
+    def _timed_first(self, part: str, compiled, eager, args):
+        """Run the first block's pre or post with synchronised clocks around it (and the attention between)."""
+        from . import compile_cache as cc
+
+        started = self._now(args[1])
+        if part == "pre":
+            self._timing = {"counters": cc.cache_counters(), "seconds": cc.compile_seconds()}
+        else:
+            self._timing["attention_s"] = round(started - self._timing.pop("pre_end"), 4)
+        out = self._call(compiled, eager, args) if compiled is not None else eager(*args)
+        ended = self._now(args[1])
+        self._timing[f"{part}_s"] = round(ended - started, 4)
+        if part == "pre":
+            self._timing["pre_end"] = ended
+            return out
+        timing, self._timing = self._timing, None
+        before, seconds = timing.pop("counters"), timing.pop("seconds")
+        first = {"step": self._step, **timing}
+        if self.compiled:
+            after = cc.cache_counters()
+            first["cache"] = {k: after[k] - before.get(k, 0) for k in after}
+            now = cc.compile_seconds()
+            first.update({k: round(now[k] - seconds.get(k, 0.0), 3) for k in now})
+            if self.report.get("why") == "compiled: cache hit" and first["cache"].get("fx_miss"):
+                self.report["why"] = "compiled: marked as cached, but Inductor missed its cache and compiled anew"
+            if self._key is not None and self.compiled:
+                _IN_MEMORY.add(self._key)
+                if not cc.is_compiled(self._key):
+                    cc.mark_compiled(self._key, {"by": f"process {os.getpid()}", "first_block": first})
+        self.report["first_block"] = first
+        if not self.compiled and self._key is not None and self.options.compile_policy == "auto":
+            self._warm(args, timing)
+        return out
+
+    def _warm(self, post_args, timing) -> None:
+        """Start the background compile for this job's shapes (compile_cache, candidate (b)) when it can run."""
+        from dataclasses import asdict
+
+        from . import compile_cache as cc
+
+        key, block, x = self._key, post_args[0], post_args[1]
+        running = self.warmups.get(key)
+        if running is not None and running.poll() == "running":
+            self.report["warmup"] = running
+            return
+        plain = all(type(p) is nn.Parameter and p.device == x.device for p in block.parameters())
+        if not plain or getattr(block, "_diffusers_hook", None) is not None:
+            self.report["why"] += " -- not possible here: the weights are sharded or offloaded"
+            return
+        if x.is_cuda and torch.cuda.mem_get_info(x.device)[0] < cc.WARM_MIN_FREE_BYTES:
+            self.report["why"] += " -- not now: too little free device memory for the warm-up"
+            return
+        job = {"key": key, "device": str(x.device), "dtype": str(x.dtype).split(".")[-1],
+               "options": asdict(self.options), "config": cc.model_config(self.transformer),
+               "pre": self._pre_args_spec, "post": cc.args_spec(post_args), "inductor_cache": str(cc.cache_root())}
+        try:
+            self.warmups[key] = cc.Warmup(key, job).start()
+        except OSError as error:  # the cache folder is read-only or full: this job is not affected
+            self.report["why"] += f" -- the warm-up could not start: {error}"
+            return
+        self.report["warmup"] = self.warmups[key]
+
+    def compile_report(self) -> dict:
+        """The last job's policy decision, first-block timings and any background warm-up, JSON-ready."""
+        report = dict(self.report)
+        if hasattr(report.get("warmup"), "describe"):
+            report["warmup"] = report["warmup"].describe()
+        return report
 
     def stats(self) -> dict:
         if self.cache is None:
             return {}
         return {"skipped_steps": self.cache.skipped_steps, "computed_steps": self.cache.computed_steps,
                 "distances": [round(d, 4) for d in self.cache.distances]}
+
+
+_IN_MEMORY: set[str] = set()  # keys whose graphs this process has compiled (Dynamo holds them)
+
+
+def compile_key_of(transformer, options: OptimizeOptions, pre_spec: list, device: torch.device) -> str:
+    """The compile-cache key of a block call: model config, the options that change the graphs, input specs."""
+    from . import compile_cache as cc
+
+    graph_options = {k: getattr(options, k) for k in ("fuse_qkv", "compile_mode", "contiguous_v", "gelu_epilogue",
+                                                      "fp8")}
+    return cc.compile_key(cc.model_config(transformer), graph_options, pre_spec, device)
 
 
 def _fast_block_forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None,

@@ -164,6 +164,57 @@ def fit_tiling(vae, latents_hw: tuple[int, int], budget: int | None, frames: int
     return fitting
 
 
+# From how many ranks the automatic decode tiles over the ranks instead of decoding untiled on the first one.
+# Measured on H200 (2b VAE, 49 x 480 x 720, bf16; issue 17 and BENCHMARKS.md "Two H200s"): untiled on one GPU
+# 2.1-2.3 s (peak 19.1 GiB); tiled on one rank 3.5-4.2 s; tiled over 2 ranks 2.4-2.56 s. The VAE's 240 x 360 tiles
+# cut that frame into 9 tiles of unequal size (3 x 3, the last row and column narrow) decoded in rounds of one tile
+# per rank, each round as slow as its largest tile: 2 ranks need 62% of the one-rank time (2.5 s predicted, as
+# measured: untiled wins), 3 ranks 42% (about 1.7 s), 4 ranks 38%. So tiling is predicted to win from 3 ranks on;
+# benchmarks/decode_bench.py measures it (untiled vs tiled over 1, 2, ... ranks).
+TILED_DECODE_MIN_RANKS = 3
+
+
+@dataclass(frozen=True)
+class DecodeChoice:
+    """How a decode runs: ``tiled`` over ``ranks`` ranks, or untiled on the first rank (``ranks`` 1), and why."""
+
+    tiled: bool
+    ranks: int
+    reason: str
+
+    @property
+    def mode(self) -> str:
+        """``tiled`` or ``plain`` (the CLI's ``--decode`` words)."""
+        return "tiled" if self.tiled else "plain"
+
+    def describe(self) -> str:
+        """One line for the CLI, the node and pool status, e.g. ``untiled on rank 0: needs 19.3 GiB, 120.0 GiB
+        free``."""
+        where = f"tiled over {self.ranks} rank{'s' if self.ranks > 1 else ''}" if self.tiled else "untiled on rank 0"
+        return f"{where}: {self.reason}"
+
+
+def choose_decode(tiled: bool | None, world: int, needed: int, free: int | None) -> DecodeChoice:
+    """The decode for a pool of ``world`` ranks: ``tiled`` True/False forces it; ``None`` (auto) decodes untiled on
+    the first rank when ``needed`` (its estimated peak, ``memory.untiled_decode_peak``) fits ``free`` (its usable
+    bytes, ``None`` = no device limit) and the pool has fewer than ``TILED_DECODE_MIN_RANKS`` ranks, else tiled over
+    every rank (alone when that is one)."""
+    from .memory import gib
+
+    if world < 1:
+        raise ValueError(f"a decode needs at least one rank, got {world}")
+    if tiled is not None:
+        return DecodeChoice(bool(tiled), world if tiled else 1, "asked for")
+    if world >= TILED_DECODE_MIN_RANKS:
+        return DecodeChoice(True, world, f"{world} ranks decode tiles faster than one untiled decode "
+                                         f"(from {TILED_DECODE_MIN_RANKS} ranks on)")
+    if free is None:
+        return DecodeChoice(False, 1, f"needs {gib(needed)}, no device memory limit")
+    if needed <= free:
+        return DecodeChoice(False, 1, f"needs {gib(needed)}, {gib(free)} free")
+    return DecodeChoice(True, world, f"untiled would need {gib(needed)}, rank 0 has {gib(free)} free")
+
+
 def decode_tile(vae, z: torch.Tensor, grid: _Grid, row: int, col: int) -> torch.Tensor:
     """One tile decoded exactly as in diffusers' tiled_decode (temporal batches with the conv cache)."""
     i, j = grid.rows[row], grid.cols[col]

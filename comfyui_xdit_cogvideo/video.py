@@ -12,6 +12,7 @@ import math
 import os
 import re
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
@@ -23,6 +24,10 @@ MAX_SIDE = 16384  # libx264 refuses wider or taller frames
 
 class VideoWriteError(RuntimeError):
     """The video could not be written (no ffmpeg, bad folder, container, size or fps, full disk, ...)."""
+
+
+class OutputPathError(VideoWriteError):
+    """An output file path no writer can use: a directory, an unknown suffix, a missing or read-only folder."""
 
 
 def to_uint8(frames) -> np.ndarray:
@@ -51,19 +56,36 @@ def check_fps(fps) -> float:
     return value
 
 
-def check_video_path(path: str | Path) -> Path:
-    """The output path if its container is supported and its folder exists and is writable, else VideoWriteError."""
-    path = Path(path)
+def check_output_path(path: str | Path, suffixes: tuple[str, ...] = VIDEO_SUFFIXES, create: bool = False) -> Path:
+    """``path`` if a file with one of ``suffixes`` can be written there, else OutputPathError naming what is wrong.
+
+    The one path check for every output file (videos here, latents in the CLI): not a directory, a known suffix,
+    and a folder that exists and is writable (``create``: or a folder the writer may create, i.e. whose nearest
+    existing parent is a writable folder, as ComfyUI creates its output subfolders).
+    """
+    path = Path(path).expanduser()
+    example = path / f"out{suffixes[0]}"
     if path.is_dir():
-        raise VideoWriteError(f"{str(path)!r} is a directory; give a file name such as {str(path / 'out.mp4')!r}")
-    if path.suffix.lower() not in VIDEO_SUFFIXES:
-        raise VideoWriteError(f"video files must end with {', '.join(VIDEO_SUFFIXES)} (H.264), got {str(path)!r}")
+        raise OutputPathError(f"{str(path)!r} is a directory; give a file name such as {str(example)!r}")
+    if path.suffix.lower() not in suffixes:
+        names = " or ".join(", ".join(suffixes).rsplit(", ", 1))
+        raise OutputPathError(f"{str(path)!r} must end with {names}")
     folder = path.parent
-    if not folder.is_dir():
-        raise VideoWriteError(f"folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise VideoWriteError(f"folder {str(folder)!r} is not writable")
+    existing = folder
+    while create and not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputPathError(f"folder {str(folder)!r} " + ("does not exist" if not existing.exists() else
+                                                            f"cannot be made: {str(existing)!r} is a file"))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputPathError(f"folder {str(existing)!r} is not writable")
     return path
+
+
+def check_video_path(path: str | Path, create: bool = False) -> Path:
+    """The output path if its container is supported and its folder exists (or, ``create``, can be made) and is
+    writable, else OutputPathError (a VideoWriteError)."""
+    return check_output_path(path, VIDEO_SUFFIXES, create)
 
 
 def ffmpeg_exe() -> str:
@@ -76,6 +98,29 @@ def ffmpeg_exe() -> str:
         exe = imageio_ffmpeg.get_ffmpeg_exe()
     except RuntimeError as error:
         raise VideoWriteError(f"no ffmpeg binary found ({error}); pip install imageio-ffmpeg") from None
+    return exe
+
+
+_ENCODERS_OK: set[tuple[str, str]] = set()  # (ffmpeg binary, codec) pairs that encoded the probe in this process
+
+
+def check_encoder(codec: str = "libx264") -> str:
+    """The ffmpeg binary, once it has encoded a 2-frame 16x16 clip with ``codec`` into a temporary folder.
+
+    Pre-flight for every video output: a missing imageio-ffmpeg, a binary that does not run or a build without the
+    encoder fails here in a fraction of a second, not after sampling. Checked once per process and binary.
+    """
+    exe = ffmpeg_exe()
+    if (exe, codec) in _ENCODERS_OK:
+        return exe
+    with tempfile.TemporaryDirectory(prefix="xdit-cogvideo-probe-") as folder:
+        probe = Path(folder) / "probe.mp4"
+        cmd = [exe, "-y", "-nostdin", "-v", "error", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "16x16", "-r", "8",
+               "-i", "-", "-an", "-c:v", codec, "-pix_fmt", "yuv420p", str(probe)]
+        _run_ffmpeg(cmd, np.zeros((2, 16, 16, 3), np.uint8), f"a 16x16 {codec} test clip")
+        if not probe.is_file() or probe.stat().st_size == 0:
+            raise VideoWriteError(f"ffmpeg ({exe}) exited without error but wrote no {codec} test clip")
+    _ENCODERS_OK.add((exe, codec))
     return exe
 
 
@@ -111,7 +156,7 @@ def write_video(path: str | Path, frames, fps: float = 8, crf: int = 18, codec: 
     try:
         if tags:
             tags.write_text(ffmetadata(metadata), encoding="utf-8")
-        _run_ffmpeg(cmd, data, path)
+        _run_ffmpeg(cmd, data, repr(str(path)))
         if not partial.is_file() or partial.stat().st_size == 0:
             raise VideoWriteError(f"ffmpeg exited without error but left {str(path)!r} missing or empty")
         os.replace(partial, path)
@@ -136,7 +181,7 @@ def ffmetadata(metadata: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_ffmpeg(cmd: list[str], data: np.ndarray, shown: Path) -> None:
+def _run_ffmpeg(cmd: list[str], data: np.ndarray, shown: str) -> None:
     """Feed ``data`` to ffmpeg's stdin; raise VideoWriteError with ffmpeg's own message if it fails."""
     try:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -167,7 +212,7 @@ def _run_ffmpeg(cmd: list[str], data: np.ndarray, shown: Path) -> None:
         lines = [re.sub(r"^(\[[^]]*\]\s*)+", "", line).strip() for line in text.splitlines()]
         lines = [line for line in lines if line]
         reason = lines[0] if lines else f"exit status {code}"
-        raise VideoWriteError(f"ffmpeg could not write {str(shown)!r}: {reason.replace(cmd[-1], str(shown))}")
+        raise VideoWriteError(f"ffmpeg could not write {shown}: {reason.replace(cmd[-1], shown)}")
 
 
 def check_writable(path: str | Path, height: int, width: int, fps: float) -> Path:

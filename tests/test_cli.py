@@ -75,7 +75,10 @@ def test_latents_out_equals_diffusers_on_two_ranks(reference, tiny_path, tmp_pat
     frames, meta = read_video(video)
     assert frames.shape == (9, 32, 48, 3) and round(meta["fps"]) == 12
     summary = json.loads(out)
-    assert summary["decode"] == "tiled" and summary["layout"] == "cfg2 x ulysses1 x ring1" and summary["fps"] == 12
+    assert summary["layout"] == "cfg2 x ulysses1 x ring1" and summary["fps"] == 12
+    # automatic decode on 2 CPU ranks: untiled on rank 0, said on stderr and in the JSON line
+    assert summary["decode"] == "plain" and summary["decode_choice"].startswith("untiled on rank 0: needs ")
+    assert f"decode {summary['decode_choice']}" in err
     assert controller._POOL is None  # the CLI stops its pool on the way out
 
 
@@ -101,8 +104,8 @@ BAD = [
      "ulysses degree 4 does not divide the model's 6 attention heads"),
     (O + ["--world-size", "99"], "asks for 99 CPU ranks, but this process may use"),
     (O + ["--world-size", "2", "--cfg", "2", "--guidance", "1"], "cfg degree 2 needs classifier-free guidance"),
-    (["--output", "cat.avi"], "--output must end with .mp4"),
-    (["--latents-out", "x.pt"], "--latents-out must end with .safetensors"),
+    (["--output", "cat.avi"], "--output: 'cat.avi' must end with .mp4, .mov or .mkv"),
+    (["--latents-out", "x.pt"], "--latents-out: 'x.pt' must end with .safetensors"),
     ([], "nothing to write"),
     (O + ["--steps", "0"], "steps must be between 1 and 1000"),
     (O + ["--attention", "fa9"], "unknown attention backend 'fa9'"),
@@ -119,7 +122,8 @@ BAD = [
     (O + ["--image", "start.png"], "tiny is a text-to-video model and takes no start image"),
     (O + ["--height", "20000"], "H.264 (libx264) encodes at most 16384 pixels per side"),
     (O + ["--height", "100000", "--width", "100000"], "GiB of RAM"),
-    (["--output", "cat.webm"], "--output must end with .mp4 or .mov or .mkv"),
+    (["--output", "."], "--output: '.' is a directory; give a file name such as 'out.mp4'"),
+    (["--latents-out", "."], "--latents-out: '.' is a directory; give a file name such as 'out.safetensors'"),
     (["--output", "/proc/cat.mp4"], "--output: "),
 ]
 
@@ -135,6 +139,48 @@ def test_bad_input_is_one_clear_line_and_starts_nothing(extra, message, tiny_pat
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert controller._POOL is None
+
+
+def _ffmpeg_without_x264(folder: Path) -> str:
+    """An ffmpeg build without libx264 (as some distributions ship): refuses the encoder, exit status 1."""
+    fake = folder / "ffmpeg-lgpl"
+    fake.write_text("#!/bin/sh\ncat > /dev/null\necho \"[vost#0:0 @ 0x1] Unknown encoder 'libx264'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
+PREFLIGHT = {
+    "no imageio-ffmpeg": (lambda tmp, mp: mp.setitem(sys.modules, "imageio_ffmpeg", None), "cat.mp4",
+                          "error: --output: writing videos needs imageio-ffmpeg: pip install imageio-ffmpeg"),
+    "no H.264 encoder": (lambda tmp, mp: mp.setenv("IMAGEIO_FFMPEG_EXE", _ffmpeg_without_x264(tmp)), "cat.mp4",
+                         "error: --output: ffmpeg could not write a 16x16 libx264 test clip: Unknown encoder 'libx264'"),
+    "read-only folder": (lambda tmp, mp: mp.setattr("comfyui_xdit_cogvideo.video.os.access",
+                                                    lambda p, mode: Path(p).resolve() != tmp.resolve()),
+                         "cat.mp4", "error: --output: folder '.' is not writable"),
+    "a directory": (lambda tmp, mp: (tmp / "cat.mp4").mkdir(), "cat.mp4",
+                    "error: --output: 'cat.mp4' is a directory; give a file name such as 'cat.mp4/out.mp4'"),
+}
+
+
+@pytest.mark.parametrize("case", PREFLIGHT)
+def test_every_output_check_runs_before_the_pool_is_asked_for_anything(case, tiny_path, tmp_path, capsys,
+                                                                       monkeypatch):
+    """Issue 17: a missing writer, encoder or writable folder once surfaced only after sampling and decoding. Each is
+    one line now, and the pool (workers, model load, steps) is never asked for."""
+    from comfyui_xdit_cogvideo import pool, video
+
+    tiny_path("2b")
+    monkeypatch.chdir(tmp_path)
+    video._ENCODERS_OK.clear()
+    asked = []
+    monkeypatch.setattr(pool, "get_pool", lambda *a, **k: asked.append(a) or pytest.fail("pool asked for"))
+    setup, output, message = PREFLIGHT[case]
+    setup(tmp_path, monkeypatch)
+    code, out, err = _run(["generate", "--model", "tiny", "--prompt", "a cat", "--output", output], capsys)
+    assert code == 1 and out == "" and asked == []
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), err
     assert controller._POOL is None
 
 
@@ -179,7 +225,9 @@ def test_a_failed_video_write_is_an_error_not_a_lost_result(tiny_path, tmp_path,
     fake.write_text("#!/bin/sh\ncat > /dev/null\nexit 0\n")
     fake.chmod(0o755)
     monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
-    monkeypatch.setattr(video, "check_writable", lambda path, *a, **k: path)  # as if the disk filled up later
+    # the pre-flight checks passed, as if the disk filled up later
+    monkeypatch.setattr(video, "check_encoder", lambda codec="libx264": str(fake))
+    monkeypatch.setattr(video, "check_writable", lambda path, *a, **k: path)
     output = tmp_path / "cat.mp4"
     code, out, err = _run(["generate", "--model", "tiny", "--prompt", "a cat", "--steps", "1", "--quiet",
                            "--output", str(output)], capsys)

@@ -164,6 +164,8 @@ def api_workflow(name: str, **overrides) -> dict:
                           strength_model=overrides.get("strength", 1.0))
         elif node["class_type"] == "XDiTCogVideoParallelConfig" and "devices" in overrides:
             inputs["devices"] = overrides["devices"]
+        elif node["class_type"] == "XDiTCogVideoDecode" and "tiled" in overrides:
+            inputs["tiled"] = overrides["tiled"]
     return prompt
 
 
@@ -242,6 +244,8 @@ def test_t2v_api_workflow_writes_the_mp4(server):
     assert path.suffix == ".mp4" and _mp4_info(path) == ((48, 32), 9)
     status = server.request("/xdit_cogvideo/status")[1]
     assert status["running"] is True and status["state"] == "idle" and status["world_size"] >= 1
+    # the decode's automatic choice (CPU ranks: no device limit, untiled on rank 0), reported in the pool status
+    assert status["last_decode"].startswith("untiled on rank 0: needs "), status["last_decode"]
     server.worker_pids = [r["pid"] for r in status["ranks"]]
 
 
@@ -253,9 +257,12 @@ def test_lora_workflow_merges_on_the_workers_and_switches_without_reloading(serv
     status = server.request("/xdit_cogvideo/status")[1]
     assert [(x["name"], x["strength"]) for x in status["model"]["loras"]] == [("tiny-2b-kohya.safetensors", 0.8)]
     loads = [r["loads"] for r in status["ranks"]]
-    entry = _run(server, api_workflow("cogvideox_t2v_lora", strength=-0.5, prefix="video/lora2"))
+    # a workflow saved before the decode's "tiled" became auto/on/off holds a boolean: still accepted, still tiles
+    entry = _run(server, api_workflow("cogvideox_t2v_lora", strength=-0.5, prefix="video/lora2", tiled=True))
     assert entry["status"]["status_str"] == "success", entry["status"]
     status = server.request("/xdit_cogvideo/status")[1]
+    assert status["last_decode"] == f"tiled over {status['world_size']} rank{'s' if status['world_size'] > 1 else ''}: " \
+        "asked for"
     assert [x["strength"] for x in status["model"]["loras"]] == [-0.5]
     assert [r["loads"] for r in status["ranks"]] == loads, "changing the LoRA strength reloaded the model"
     status, body = server.queue(api_workflow("cogvideox_t2v_lora", lora_name="missing.safetensors"))
@@ -416,6 +423,19 @@ def test_bad_inputs_give_clear_errors(server):
     node, name, details = only_error(body)
     assert status == 400 and (node, name) == ("XDiTCogVideoModelLoader", "model")
     assert "was not found in models/CogVideo" in details
+    # our Save node checks its output when the prompt is queued, not after sampling (issue 17)
+    prompt = api_workflow("cogvideox_t2v")
+    images = prompt[next(k for k, n in prompt.items() if n["class_type"] == "CreateVideo")]["inputs"]["images"]
+    prompt["99"] = {"class_type": "XDiTCogVideoSaveVideo",
+                    "inputs": {"images": images, "fps": 8.0, "filename_prefix": "../outside", "crf": 19}}
+    del prompt[next(k for k, n in prompt.items() if n["class_type"] == "SaveVideo")]  # ours is the only output
+    status, body = server.queue(prompt)
+    node, name, details = only_error(body)
+    assert status == 400 and (node, name) == ("XDiTCogVideoSaveVideo", "filename_prefix")
+    assert "points outside ComfyUI's output folder" in details
+    status, body = server.queue(api_workflow("cogvideox_t2v", tiled="sometimes"))
+    node, name, details = only_error(body)
+    assert status == 400 and (node, name) == ("XDiTCogVideoDecode", "tiled") and "auto, on, off" in details
     # accepted, then refused by the model before the pool runs: the error is in the history
     entry = _run(server, api_workflow("cogvideox_t2v", model="tiny-5b-i2v", seed=4))
     assert entry["status"]["status_str"] == "error"

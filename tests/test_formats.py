@@ -15,20 +15,11 @@ from comfyui_xdit_cogvideo.formats import (diffusers_to_native, diffusers_to_nat
                                            native_to_diffusers_key, to_fp8_storage, upcast)
 from comfyui_xdit_cogvideo.loading import read_model_info
 from comfyui_xdit_cogvideo.tiny import TINY_VARIANTS
+from published import PUBLISHED_CONFIGS
 
 REQUEST = dict(prompt="a dog running on the beach", frames=9, height=32, width=48, steps=2, seed=3)
 PREFIX = "model.diffusion_model."
-REAL = {
-    "2b": dict(num_attention_heads=30, num_layers=2),
-    "5b": dict(num_attention_heads=48, num_layers=2, use_rotary_positional_embeddings=True),
-    "5b-i2v": dict(num_attention_heads=48, num_layers=2, in_channels=32, use_rotary_positional_embeddings=True,
-                   use_learned_positional_embeddings=True),
-    "1.5-5b": dict(num_attention_heads=48, num_layers=2, patch_size_t=2, patch_bias=False, sample_height=300,
-                   sample_width=300, sample_frames=81, use_rotary_positional_embeddings=True),
-    "1.5-5b-i2v": dict(num_attention_heads=48, num_layers=2, in_channels=32, patch_size_t=2, patch_bias=False,
-                       sample_height=300, sample_width=300, sample_frames=81, ofs_embed_dim=512,
-                       use_rotary_positional_embeddings=True),
-}
+REAL = {variant: dict(config, num_layers=2) for variant, config in PUBLISHED_CONFIGS.items()}
 
 
 # ---------------------------------------------------------------------------------------------- test helpers

@@ -11,27 +11,17 @@ from safetensors.torch import load_file, save_file
 from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest, ModelError, ModelSource
 from comfyui_xdit_cogvideo.loading import read_model_info
 from comfyui_xdit_cogvideo.variants import config_from_shapes
+from published import PUBLISHED_CONFIGS
 
-REAL_CONFIGS = {
-    "2b": dict(num_attention_heads=30, num_layers=30),
-    "5b": dict(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
-    "5b-i2v": dict(num_attention_heads=48, num_layers=42, in_channels=32, use_rotary_positional_embeddings=True,
-                   use_learned_positional_embeddings=True),
-    "1.5-5b": dict(num_attention_heads=48, num_layers=42, patch_size_t=2, patch_bias=False, sample_height=300,
-                   sample_width=300, sample_frames=81, use_rotary_positional_embeddings=True),
-    "1.5-5b-i2v": dict(num_attention_heads=48, num_layers=42, in_channels=32, patch_size_t=2, patch_bias=False,
-                       sample_height=300, sample_width=300, sample_frames=81, ofs_embed_dim=512,
-                       use_rotary_positional_embeddings=True),
-}
 REQUEST = dict(prompt="a dog running on the beach", frames=9, height=32, width=48, steps=2, seed=3)
 
 
-@pytest.mark.parametrize("variant", REAL_CONFIGS)
+@pytest.mark.parametrize("variant", PUBLISHED_CONFIGS)
 def test_full_size_config_is_detected_from_shapes(variant):
     from diffusers import CogVideoXTransformer3DModel
 
     with torch.device("meta"):
-        model = CogVideoXTransformer3DModel(**REAL_CONFIGS[variant])
+        model = CogVideoXTransformer3DModel(**PUBLISHED_CONFIGS[variant])
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     detected = config_from_shapes(shapes)
     for key, value in model.config.items():

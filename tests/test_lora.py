@@ -4,6 +4,7 @@ the base; fused QKV, compiled blocks and fp8 weights; clear errors for LoRAs tha
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -371,3 +372,176 @@ def test_fp8_stored_plain_linear_merges_with_rounding_and_restores_bitwise(tmp_p
     assert torch.equal(layer.weight.view(torch.uint8), expected.view(torch.uint8))
     engine.set_loras([])
     assert torch.equal(layer.weight.view(torch.uint8), original.view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- with the memory plans
+
+
+def _fp8_file(tmp_path, folder):
+    """The tiny 5b stored as an fp8 single file (per-tensor scales), as ComfyUI users keep it."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_xdit_cogvideo.formats import to_fp8_storage
+
+    stored = to_fp8_storage(load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors")), scaled=True)
+    path = tmp_path / "cogvideox_5b_fp8_scaled.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in stored.items()}, str(path))
+    path.with_suffix(".json").write_text((folder / "transformer" / "config.json").read_text())
+    return functools.partial(_fp8_source, str(path), folder)
+
+
+def _fp8_source(path, folder, storage: str):
+    from comfyui_xdit_cogvideo import ModelSource
+
+    return ModelSource(path, storage=storage, vae=str(folder / "vae"), text_encoder=str(folder / "text_encoder"))
+
+
+def _sharded_ranks(rank, path, fp8, loras):
+    """On 2 gloo ranks, memory plan low (FSDP over both; fused QKV, whose q/k/v rows straddle the shards): each
+    LoRA set in turn on one resident engine, then the fp8-resident file under FSDP with the first set."""
+    import comfyui_xdit_cogvideo.engine as engine_module
+    from comfyui_xdit_cogvideo.parallel.fsdp import shard_size
+
+    loads = []
+    real = engine_module.load_transformer
+    engine_module.load_transformer = lambda *a, **k: loads.append(1) or real(*a, **k)
+    groups = ParallelGroups.create(Layout(2, 1, 1))
+    engine = CogVideoEngine(str(path), dtype="fp32", groups=groups, memory="low", optimize="fuse", loras=loras[0])
+    assert shard_size(engine.transformer) == 2
+    out, saved = [], []
+    for lora_set in loras:
+        engine.set_loras(lora_set)
+        out.append(engine.generate(_request("5b")).numpy())
+        saved.append(engine.lora.saved_bytes)
+    reloads = len(loads) - 1
+    resident = CogVideoEngine(fp8("fp8"), dtype="fp32", groups=groups, memory="low", loras=loras[0])
+    return out, resident.generate(_request("5b")).numpy(), saved, reloads
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_sharded_weights_merge_their_own_rows_and_switch(tmp_path, tiny_path):
+    """LoRAs merged into FSDP-sharded weights (plan low) give the fast plan's latents with the same LoRAs, per set
+    and after switching on the resident engine (no reload); each rank saves only its rows."""
+    a, _, _ = _lora(tmp_path, tiny_path, "5b", "peft", None, seed=21, dora=True)
+    b, _, _ = _lora(tmp_path, tiny_path, "5b", "kohya", 8.0, seed=22)
+    fp8 = _fp8_file(tmp_path, tiny_path("5b"))
+    sets = [[(str(a), 0.8)], [(str(b), 1.0), (str(a), 0.5)], []]
+    results = run_world(2, _sharded_ranks, tiny_path("5b"), fp8, sets)
+    fast = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="fuse")
+    expected, saved_whole = [], []
+    for lora_set in sets:
+        fast.set_loras(lora_set)
+        expected.append(fast.generate(_request("5b")))
+        saved_whole.append(fast.lora.saved_bytes)
+    resident_expected = CogVideoEngine(fp8("upcast"), dtype="fp32", loras=sets[0]).generate(_request("5b"))
+    for latents, resident, _, reloads in results:
+        for ours, reference in zip(latents, expected):
+            assert _rel(torch.from_numpy(ours), reference) < 1e-5
+        assert _rel(torch.from_numpy(resident), resident_expected) < 1e-5
+        assert reloads == 0
+    assert [sum(r[2][i] for r in results) for i in range(len(sets))] == saved_whole  # each rank: its rows only
+    assert saved_whole[0] > 0 and results[0][2][0] < saved_whole[0]
+    assert _rel(expected[0], expected[2]) > 5e-4 and _rel(expected[1], expected[2]) > 5e-4
+
+
+def test_per_input_dora_refused_on_sharded_rows(tmp_path, tiny_path):
+    """A DoRA scale per input channel needs whole columns; on a rank holding some rows it is refused by name."""
+    config = _config(tiny_path("5b"))
+    factors = random_factors(config, rank=4, seed=3, targets=("ff.net.0.proj",))
+    magnitudes = {k: torch.rand(down.shape[1]) + 0.5 for k, (down, _) in factors.items()}
+    path = write_random_lora(tmp_path / "dora_in.safetensors", factors, "kohya", alpha=4.0, dora=magnitudes)
+    good, _, _ = _lora(tmp_path, tiny_path, "5b", "peft", None, seed=28)
+    results = run_world(2, _per_input_dora_rank, tiny_path("5b"), str(path), str(good))
+    for refused, restored, merged in results:
+        assert "DoRA scale per input channel" in refused
+        assert restored and merged
+    engine = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", loras=[(str(path), 1.0)])  # unsharded: applied
+    assert engine.loras[0]["layers"] == config["num_layers"]
+
+
+def _per_input_dora_rank(rank, path, lora, good):
+    """The refusal; and a LoRA merged before the weights were sharded (an engine built for one rank, then bound to
+    two) is merged again into the shards, so clearing it restores each rank's rows."""
+    groups = ParallelGroups.create(Layout(2, 1, 1))
+    engine = CogVideoEngine(str(path), dtype="fp32", groups=groups, memory="low")
+    try:
+        engine.set_loras([(lora, 1.0)])
+        refused = "applied"
+    except LoraError as error:
+        refused = str(error)
+    late = CogVideoEngine(str(path), dtype="fp32", memory="low", loras=[(good, 1.0)])
+    late.rebind(groups, "auto")  # shards now
+    local = lambda e: e.transformer.transformer_blocks[0].attn1.to_k.weight.to_local().clone()  # noqa: E731
+    merged = local(late)
+    late.set_loras([])
+    return refused, torch.equal(local(late), local(engine)), not torch.equal(merged, local(engine))
+
+
+def test_offload_plan_merges_and_switches_like_the_fast_plan(tmp_path, tiny_path, base_latents):
+    """Group-offloaded blocks (plan offload) take the LoRAs where the weights rest; switching equals the fast plan."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    a, _, _ = _lora(tmp_path, tiny_path, "5b", "peft", None, seed=23)
+    b, _, _ = _lora(tmp_path, tiny_path, "5b", "comfyui_kohya", 2.0, seed=24)
+    engine = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", memory="offload", loras=[(str(a), 1.0)])
+    first = engine.generate(_request("5b"))
+    assert _is_group_offload_enabled(engine.transformer)
+    engine.set_loras([(str(b), 0.7)])
+    second = engine.generate(_request("5b"))
+    engine.set_loras([])
+    cleared = engine.generate(_request("5b"))
+    for latents, loras in ((first, [(str(a), 1.0)]), (second, [(str(b), 0.7)])):
+        fast = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", loras=loras).generate(_request("5b"))
+        assert torch.equal(latents, fast)
+    assert torch.equal(cleared, base_latents["5b"])
+
+
+def test_fp8_resident_weights_keep_the_lora_as_factors(tmp_path, tiny_path):
+    """fp8-resident storage (--weights fp8): the stored fp8 tensors are never rewritten; the LoRA (and DoRA) is
+    applied exactly on top of the fp8 base, i.e. equals the same file upcast at load with the LoRA merged in fp32;
+    clearing gives the base latents bitwise."""
+    fp8 = _fp8_file(tmp_path, tiny_path("5b"))
+    a, _, _ = _lora(tmp_path, tiny_path, "5b", "peft", None, seed=25, dora=True)
+    b, _, _ = _lora(tmp_path, tiny_path, "5b", "kohya", 8.0, seed=26)
+    engine = CogVideoEngine(fp8("fp8"), dtype="fp32")
+    base = engine.generate(_request("5b"))
+    layer = engine.transformer.transformer_blocks[0].attn1.to_q
+    stored = layer.parametrizations.weight.original.detach().clone()
+    for loras in ([(str(a), 0.8)], [(str(b), 1.0), (str(a), 0.5)]):
+        engine.set_loras(loras)
+        reference = CogVideoEngine(fp8("upcast"), dtype="fp32", loras=loras).generate(_request("5b"))
+        ours = engine.generate(_request("5b"))
+        assert _rel(ours, reference) < 1e-5 and _rel(ours, base) > 5e-4
+        assert torch.equal(layer.parametrizations.weight.original.view(torch.uint8), stored.view(torch.uint8))
+    assert engine.lora.saved_bytes == 0  # nothing to save: the stored weights never change
+    engine.set_loras([])
+    assert torch.equal(engine.generate(_request("5b")), base)
+
+
+def test_native_lora_names_map_through_the_model_name_table(tmp_path, tiny_path):
+    """Every block module of the name table (formats.BLOCK) that holds a weight a LoRA can target, and every such
+    top-level module, is addressed by ComfyUI-native LoRA keys in both spellings through that one table."""
+    from comfyui_xdit_cogvideo.formats import BLOCK, TOP_LEVEL, diffusers_to_native_key
+    from comfyui_xdit_cogvideo.lora import _targets
+
+    engine = CogVideoEngine(str(tiny_path("1.5")), dtype="fp32")
+    targets = _targets(engine.transformer)
+    modules = dict(engine.transformer.named_modules())
+    weighted = [d for _, d in BLOCK if isinstance(modules.get(f"transformer_blocks.0.{d}"), torch.nn.Linear)]
+    assert {"attn1.to_q", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear"} <= set(weighted)
+    for native, diffusers in BLOCK:
+        if diffusers in weighted:
+            name = f"transformer_blocks.1.{diffusers}"
+            assert targets[f"blocks.1.{native}"] == name
+            assert targets["blocks_1_" + native.replace(".", "_")] == name
+    for native, diffusers in TOP_LEVEL:
+        if isinstance(modules.get(diffusers), (torch.nn.Linear, torch.nn.Conv2d)):
+            assert targets[native] == targets[native.replace(".", "_")] == diffusers
+    factors = random_factors(_config(tiny_path("1.5")), rank=2, seed=27, targets=(
+        "attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj", "ff.net.2", "norm1.linear",
+        "norm2.linear"))
+    for fmt, spell in (("comfyui", lambda n: n), ("comfyui_kohya", lambda n: n.replace(".", "_"))):
+        path = write_random_lora(tmp_path / f"all-{fmt}.safetensors", factors, fmt)
+        assert set(read_lora(str(path)).layers) == {spell(diffusers_to_native_key(n)) for n in factors}
+        engine.set_loras([(str(path), 1.0)])
+        assert engine.loras[0]["layers"] == len(factors)

@@ -273,3 +273,33 @@ def test_unreadable_weights_leave_the_failure_to_the_loader(tiny_path, tmp_path)
     request = GenerationRequest(prompt="a cat", frames=9, height=32, width=48).resolved(info)
     plan = plan_job(spec, info, request, Layout(2), [{"free": GiB, "reserved": 0}] * 2)
     assert (plan.name, plan.shard, plan.requested) == ("low", 2, "low") and "no size estimate" in plan.notes[0]
+
+
+def test_one_header_reader_for_every_estimate(tiny_path, tmp_path):
+    """limits and the plans count through memory.header_counts: a ComfyUI-native single file gives the folder's
+    sizes (its blocks are 'blocks.N', not 'transformer_blocks.N'); a truncated file is an error for the plans and
+    counts nothing in the coarse check."""
+    from safetensors.torch import load_file, save_file
+
+    from comfyui_xdit_cogvideo import limits
+    from comfyui_xdit_cogvideo.formats import diffusers_to_native
+    from comfyui_xdit_cogvideo.loading import ModelSource, read_model_info
+    from comfyui_xdit_cogvideo.memory import header_counts
+
+    folder = tiny_path("5b")
+    state = load_file(str(folder / "transformer" / "diffusion_pytorch_model.safetensors"))
+    native = tmp_path / "cogvideox_native.safetensors"
+    save_file({"model.diffusion_model." + k: v for k, v in diffusers_to_native(state).items()}, str(native))
+    native.with_suffix(".json").write_text((folder / "transformer" / "config.json").read_text())
+    parts = dict(vae=str(folder / "vae"), text_encoder=str(folder / "text_encoder"))
+    sizes = {}
+    for name, source in (("folder", ModelSource(str(folder))), ("native", ModelSource(str(native), **parts))):
+        sizes[name] = ModelSizes.of_source(source.resolve(), read_model_info(source))
+    assert sizes["native"] == sizes["folder"] and sizes["folder"].block > 0
+    assert limits.safetensors_elements(native) == sum(header_counts(native).values()) == sum(
+        v.numel() for v in state.values())
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(native.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"truncated\.safetensors: the header describes \d+ bytes but the file has"):
+        header_counts(truncated)
+    assert header_counts(truncated, strict=False) == {} and limits.safetensors_elements(truncated) == 0

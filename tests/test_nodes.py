@@ -339,6 +339,39 @@ def test_each_mistake_is_reported_once_on_its_input(comfy, check_combos):
     assert name == "devices" and "cannot parse" in details
 
 
+def test_save_node_refuses_at_queue_time_what_would_fail_after_sampling(comfy, tmp_path, monkeypatch):
+    """Issue 17: the encoder and the output folder are checked when the prompt is queued (validate_inputs), once, on
+    filename_prefix; a job that would fail only at the very end never starts."""
+    from comfyui_xdit_cogvideo import video
+
+    def errors(**changes):
+        return comfy_validate(comfy.by_id["XDiTCogVideoSaveVideo"], _widgets(comfy, "XDiTCogVideoSaveVideo", **changes))
+
+    video._ENCODERS_OK.clear()
+    assert errors() == [] and errors(filename_prefix="new/sub/clip") == []
+    assert not (comfy.base / "output" / "new").exists()  # checked, not made (ComfyUI makes it when saving)
+    ((name, details),) = errors(filename_prefix="../outside")
+    assert name == "filename_prefix" and "points outside ComfyUI's output folder" in details
+    (comfy.base / "output").mkdir(exist_ok=True)
+    (comfy.base / "output" / "taken").write_text("")
+    ((name, details),) = errors(filename_prefix="taken/clip")
+    assert name == "filename_prefix" and "cannot save videos: folder" in details and "is a file" in details
+    fake = tmp_path / "ffmpeg-lgpl"  # an ffmpeg build without libx264
+    fake.write_text("#!/bin/sh\ncat > /dev/null\necho \"Unknown encoder 'libx264'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(fake))
+    ((name, details),) = errors()
+    assert name == "filename_prefix" and "cannot save videos: ffmpeg could not write a 16x16 libx264 test clip: " \
+        "Unknown encoder 'libx264'" in details
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    ((name, details),) = errors()
+    assert details.endswith("cannot save videos: writing videos needs imageio-ffmpeg: pip install imageio-ffmpeg")
+    with pytest.raises(ValueError, match="needs imageio-ffmpeg"):  # the stub's run_node validates first, as ComfyUI
+        run_node(comfy.by_id["XDiTCogVideoSaveVideo"], "9", images=torch.rand(3, 32, 48, 3), fps=8.0,
+                 filename_prefix="video/never", crf=19)
+    assert not (comfy.base / "output" / "video" / "never_00001_.mp4").exists()
+
+
 # ---- text ---------------------------------------------------------------------------------------------------------
 def test_fit_tokens_matches_hf_truncation_and_padding(comfy):
     text = sys.modules[comfy.pkg.__name__ + ".nodes.text"]
@@ -434,9 +467,20 @@ def test_sampler_decode_save_end_to_end(comfy, spec, embeds, parallel):
     # ComfyUI's convention (core VAE Decode takes it): the VAE's raw latents, diffusers' divided by the scaling
     torch.testing.assert_close(samples, want.float().permute(0, 2, 1, 3, 4) / scale, rtol=1e-4, atol=1e-5)
 
-    (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled=True,
+    comfy.server.messages.clear()
+    (images,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled="auto",
                          parallel=parallel).args
     assert images.shape == (9, 32, 48, 3) and 0 <= images.min() and images.max() <= 1
+    # the automatic choice (2 CPU ranks: untiled on rank 0) is reported and equals the mode it picked
+    (choice,) = [d for e, d in comfy.server.messages if e == "xdit_cogvideo.decode"]
+    assert choice["node"] == "8" and (choice["tiled"], choice["ranks"]) == (False, 1)
+    assert choice["text"].startswith("decode: untiled on rank 0: needs ")
+    (untiled,) = run_node(comfy.by_id["XDiTCogVideoDecode"], "8", model=spec, samples=latent, tiled="off",
+                          parallel=parallel).args
+    assert torch.equal(images, untiled)
+    assert comfy_validate(comfy.by_id["XDiTCogVideoDecode"], {"tiled": True}) == []  # saved before "auto" existed
+    ((name, details),) = comfy_validate(comfy.by_id["XDiTCogVideoDecode"], {"tiled": "sometimes"})
+    assert name == "tiled" and "tiled must be one of auto, on, off; got 'sometimes'" in details
     out = run_node(comfy.by_id["XDiTCogVideoSaveVideo"], "9", images=images, fps=8.0,
                    filename_prefix="video/test", crf=19)
     saved = out.ui.as_dict()["images"][0]

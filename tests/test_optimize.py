@@ -27,15 +27,17 @@ def test_parse():
     assert OptimizeOptions.parse("auto", "cpu") is None
     assert OptimizeOptions.parse("auto", "cuda") == OptimizeOptions()
     assert OptimizeOptions.parse("fuse,compile", "cpu") == OptimizeOptions(contiguous_v=False, gelu_epilogue=False)
+    assert OptimizeOptions.parse("fuse,compile=always", "cpu").compile_policy == "always"
     assert OptimizeOptions.parse("auto,cache=0.08", "cuda").step_cache == 0.08
     assert OptimizeOptions.parse("none") is None
 
 
 @pytest.mark.timeout(300)
 def test_fused_compiled_blocks_equal_diffusers(tiny_path, reference):
-    engine = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="fuse,compile,contiguous_v")
+    engine = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="fuse,compile=always,contiguous_v")
     assert all(getattr(b.attn1, "fused_projections", False) for b in engine.transformer.transformer_blocks)
     assert _rel(engine.generate(GenerationRequest(**REQUEST)), reference) < 1e-5
+    assert engine.optimizer.compile_report()["why"].startswith("compiled: ")
     engine.optimize("none")
     assert _rel(engine.generate(GenerationRequest(**REQUEST)), reference) < 1e-5
 

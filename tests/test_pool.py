@@ -300,6 +300,31 @@ def test_parallel_tiled_decode_equals_single_process(pool, engine):
     assert pool.status()["loads"] == loads  # decoding reused the resident VAE, nothing reloaded
 
 
+def test_automatic_decode_equals_the_mode_it_picked_and_says_why(pool, engine, monkeypatch):
+    """Issue 17: ``tiled=None`` (the default) decodes untiled on rank 0 where that fits and the pool has fewer than 3
+    ranks, else tiles over the ranks; the result equals the explicit mode and the choice is reported."""
+    from comfyui_xdit_cogvideo import memory
+
+    latents = engine.generate(_request(steps=2))
+    tiling = Tiling(16, 24, 1 / 2, 1 / 3)
+    auto = pool.decode(SPEC, latents, frames=9, tiling=tiling)  # cpu:2: no device limit, 2 ranks -> untiled
+    choice = pool.last_decode
+    assert (choice.tiled, choice.ranks, choice.mode) == (False, 1, "plain")
+    assert choice.describe().startswith("untiled on rank 0: needs ") and "no device memory limit" in choice.reason
+    assert pool.status()["last_decode"] == choice.describe()
+    assert torch.equal(auto, pool.decode(SPEC, latents, frames=9, tiled=False))
+    assert pool.last_decode.describe() == "untiled on rank 0: asked for"
+    monkeypatch.setattr(memory, "decode_budget", lambda figures: 0)  # as if rank 0 had no memory to spare
+    events = []
+    auto = pool.decode(SPEC, latents, frames=9, tiling=tiling, on_event=events.append)
+    choice = pool.last_decode
+    assert (choice.tiled, choice.ranks) == (True, 2) and "rank 0 has 0.0 GiB free" in choice.describe()
+    assert [(e.phase, e.step, e.total) for e in events] == [("decode", i, 6) for i in range(1, 7)]  # 12 tiles, 2 ranks
+    assert torch.equal(auto, pool.decode(SPEC, latents, frames=9, tiled=True, tiling=tiling))
+    with pytest.raises(RequestError, match="tiled must be True, False or None"):
+        pool.decode(SPEC, latents, frames=9, tiled="yes")
+
+
 def test_an_error_on_every_rank_keeps_the_pool(pool, tiny_path, tmp_path):
     """Weights that only fail when loaded: every rank reports the error, no rank is stuck, nothing restarts."""
     import shutil

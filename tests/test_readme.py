@@ -60,9 +60,28 @@ def test_requirements_txt_keeps_in_step_with_pyproject():
     """ComfyUI-Manager installs requirements.txt: the same ranges as pyproject.toml, torch left to ComfyUI."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
-    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared, extras = project["dependencies"], project["optional-dependencies"]
     required = [line for line in (ROOT / "requirements.txt").read_text().splitlines()
                 if line and not line.startswith("#")]
-    assert required == [d for d in declared if not d.startswith("torch")]
+    # ComfyUI-Manager's route brings the fast attention kernel too (issue 17), behind the same platform marker
+    assert required == [d for d in declared if not d.startswith("torch")] + extras["fast"]
     assert "torch>=2.6,<2.15" in declared
-    assert all("<" in d for d in declared), "every dependency has an upper bound"
+    assert all("<" in d for d in declared + [r for e in extras.values() for r in e]), "every dependency has an upper bound"
+
+
+def test_the_fast_extra_installs_only_where_it_runs_and_never_in_ci():
+    """flash-attn-4 and its CuTe DSL (hundreds of MB) on Linux x86-64 only; the CPU CI's `.[test]` never pulls it."""
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    (fast,), (cu13,) = (Requirement(r) for r in extras["fast"]), (Requirement(r) for r in extras["fast-cu13"])
+    assert fast.name == cu13.name == "flash-attn-4" and cu13.extras == {"cu13"} and fast.specifier.prereleases
+    platforms = {("linux", "x86_64"): True, ("linux", "aarch64"): False, ("darwin", "arm64"): False,
+                 ("win32", "AMD64"): False}
+    for (system, machine), wanted in platforms.items():
+        env = {"sys_platform": system, "platform_machine": machine}
+        assert fast.marker.evaluate(env) is wanted and cu13.marker.evaluate(env) is wanted, (system, machine)
+    assert not any("flash" in r or "cutlass" in r for r in extras["test"])
+    assert "-e \".[test]\"" in README.split("```bash\n", 1)[1].splitlines()[0]  # what CI installs

@@ -113,3 +113,54 @@ def test_parallel_tiled_decode_on_2_and_3_ranks_equals_single_process(tiny_path,
             assert got.shape == references[t].shape == (9, 32, 48, 3)
             assert (got - references[t]).abs().max().item() < 1e-6, (world, t)
     assert all(r["cancel"] == "cancelled after 2 rounds" for r in results)
+
+
+# ---- the automatic decode choice (issue 17) ------------------------------------------------------------------------
+GIB = 2 ** 30
+
+
+@pytest.mark.parametrize("tiled,world,needed,free,expected", [
+    (None, 1, 19 * GIB, 120 * GIB, (False, 1, "untiled on rank 0: needs 19.0 GiB, 120.0 GiB free")),
+    (None, 2, 19 * GIB, 120 * GIB, (False, 1, "untiled on rank 0: needs 19.0 GiB, 120.0 GiB free")),
+    (None, 1, 19 * GIB, 10 * GIB, (True, 1, "tiled over 1 rank: untiled would need 19.0 GiB, rank 0 has 10.0 GiB free")),
+    (None, 2, 19 * GIB, 10 * GIB, (True, 2, "tiled over 2 ranks: untiled would need 19.0 GiB, rank 0 has 10.0 GiB "
+                                            "free")),
+    (None, 3, 19 * GIB, 120 * GIB, (True, 3, "tiled over 3 ranks: 3 ranks decode tiles faster than one untiled "
+                                             "decode (from 3 ranks on)")),
+    (None, 8, 19 * GIB, None, (True, 8, "tiled over 8 ranks: 8 ranks decode tiles faster than one untiled decode "
+                                        "(from 3 ranks on)")),
+    (None, 2, 19 * GIB, None, (False, 1, "untiled on rank 0: needs 19.0 GiB, no device memory limit")),
+    (True, 1, 19 * GIB, 120 * GIB, (True, 1, "tiled over 1 rank: asked for")),
+    (True, 2, 19 * GIB, 120 * GIB, (True, 2, "tiled over 2 ranks: asked for")),
+    (False, 4, 19 * GIB, 1 * GIB, (False, 1, "untiled on rank 0: asked for")),
+])
+def test_decode_choice(tiled, world, needed, free, expected):
+    from comfyui_xdit_cogvideo.vae_parallel import TILED_DECODE_MIN_RANKS, choose_decode
+
+    assert TILED_DECODE_MIN_RANKS == 3
+    choice = choose_decode(tiled, world, needed, free)
+    assert (choice.tiled, choice.ranks, choice.describe()) == expected
+    assert choice.mode == ("tiled" if expected[0] else "plain")
+
+
+def test_decode_choice_refuses_an_empty_pool():
+    from comfyui_xdit_cogvideo.vae_parallel import choose_decode
+
+    with pytest.raises(ValueError, match="at least one rank, got 0"):
+        choose_decode(None, 0, GIB, None)
+
+
+def test_untiled_decode_estimate_matches_the_measured_peak(tiny_path):
+    """49 x 480 x 720 in bf16 with the published VAE: 19.1 GiB measured on an H200 (BENCHMARKS.md) -> 19.3 GiB with
+    the decoded video; the tiny VAE (narrower, fewer weights, read from its headers) needs far less."""
+    from comfyui_xdit_cogvideo.memory import decode_budget, untiled_decode_peak
+
+    real = untiled_decode_peak(None, 49, 480, 720, 2)
+    assert 19.1 * GIB <= real <= 19.5 * GIB
+    assert untiled_decode_peak(None, 49, 480, 720, 4) > 1.9 * real  # fp32 doubles it
+    tiny = untiled_decode_peak(tiny_path("2b") / "vae", 9, 32, 48, 4)
+    assert 0 < tiny < real / 1000
+    # rank 0's budget: free plus its allocator's unused cache (the resident model stays), after the margin
+    assert decode_budget({"allocated": 40 * GIB, "reserved": 50 * GIB, "free": 80 * GIB, "total": 141 * GIB}) == \
+        int(90 * GIB * 0.95) - GIB
+    assert decode_budget({"rss": GIB}) is None and decode_budget(None) is None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -68,7 +72,7 @@ def test_preflight_checks_folder_container_size_and_fps(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the probe is removed
     with pytest.raises(VideoWriteError, match="does not exist"):
         check_writable(tmp_path / "missing" / "v.mp4", 32, 48, 8)
-    with pytest.raises(VideoWriteError, match=r"must end with \.mp4, \.mov, \.mkv"):
+    with pytest.raises(VideoWriteError, match=r"must end with \.mp4, \.mov or \.mkv"):
         check_writable(tmp_path / "v.webm", 32, 48, 8)
     with pytest.raises(VideoWriteError, match="is a directory"):
         check_writable(tmp_path, 32, 48, 8)
@@ -78,7 +82,56 @@ def test_preflight_checks_folder_container_size_and_fps(tmp_path):
         check_writable(tmp_path / "v.mp4", 32, 48, -5)
 
 
-def test_the_cli_accepts_exactly_the_writers_containers():
-    from comfyui_xdit_cogvideo import cli
+def test_output_paths_are_checked_once_for_every_writer(tmp_path, monkeypatch):
+    """The CLI (videos and latents) and the writer share check_output_path: a directory, a wrong suffix, a missing or
+    read-only folder are one line naming the path; ``create`` accepts a folder that can be made (ComfyUI makes its
+    output subfolders)."""
+    from comfyui_xdit_cogvideo.video import OutputPathError, check_output_path
 
-    assert cli.VIDEO_SUFFIXES == video.VIDEO_SUFFIXES
+    assert check_output_path(tmp_path / "x.safetensors", (".safetensors",)) == tmp_path / "x.safetensors"
+    with pytest.raises(OutputPathError, match=r"'.*' is a directory; give a file name such as '.*out\.mp4'"):
+        check_output_path(tmp_path)
+    with pytest.raises(OutputPathError, match=r"'.*x\.pt' must end with \.safetensors$"):
+        check_output_path(tmp_path / "x.pt", (".safetensors",))
+    with pytest.raises(OutputPathError, match="folder '.*/a/b' does not exist"):
+        check_output_path(tmp_path / "a" / "b" / "v.mp4")
+    assert check_output_path(tmp_path / "a" / "b" / "v.mp4", create=True) == tmp_path / "a" / "b" / "v.mp4"
+    assert not (tmp_path / "a").exists()  # checked, not made
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputPathError, match="cannot be made: '.*/file' is a file"):
+        check_output_path(tmp_path / "file" / "sub" / "v.mp4", create=True)
+    # a read-only folder (simulated: os.access says no whatever the user, root included)
+    real_access = os.access
+    monkeypatch.setattr(video.os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    with pytest.raises(OutputPathError, match=f"folder '{tmp_path}' is not writable"):
+        check_output_path(tmp_path / "v.mp4")
+    with pytest.raises(OutputPathError, match=f"folder '{tmp_path}' is not writable"):
+        check_output_path(tmp_path / "new" / "v.mp4", create=True)
+
+
+def test_encoder_probe_runs_once_per_process_and_names_what_is_missing(monkeypatch):
+    video._ENCODERS_OK.clear()
+    runs = []
+    real = video._run_ffmpeg
+    monkeypatch.setattr(video, "_run_ffmpeg", lambda *a: runs.append(a) or real(*a))
+    exe = video.check_encoder()
+    assert exe == video.ffmpeg_exe() and len(runs) == 1 and runs[0][1].shape == (2, 16, 16, 3)
+    assert video.check_encoder() == exe and len(runs) == 1  # cached
+    with pytest.raises(VideoWriteError, match="ffmpeg could not write a 16x16 nonexistent test clip: Unknown encoder"):
+        video.check_encoder("nonexistent")
+    with pytest.raises(VideoWriteError, match="ffmpeg could not write a 16x16 nonexistent test clip"):
+        video.check_encoder("nonexistent")  # failures are not cached
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # as if imageio-ffmpeg were not installed
+    with pytest.raises(VideoWriteError, match="^writing videos needs imageio-ffmpeg: pip install imageio-ffmpeg$"):
+        video.check_encoder()
+
+
+def test_an_ffmpeg_that_cannot_run_fails_the_probe(tmp_path, monkeypatch):
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\nexit 0\n")  # not executable
+    monkeypatch.setattr(video, "ffmpeg_exe", lambda: str(fake))
+    with pytest.raises(VideoWriteError, match="cannot run ffmpeg .*Permission denied"):
+        video.check_encoder()
+    fake.chmod(0o755)  # runs, exits 0, writes nothing
+    with pytest.raises(VideoWriteError, match="exited without error but wrote no libx264 test clip"):
+        video.check_encoder()

@@ -3,9 +3,9 @@
 Ring attention merges partial results with their log-sum-exp, so every kernel used on a ring must return it;
 the plain path (no ring) asks for ``lse=False`` and may use any kernel.
 
-``auto`` on CUDA picks flash-attn-4 (CuTe DSL, ``pip install flash-attn-4``) when it imports and passes a
-one-off self-test on this GPU, else cuDNN SDPA. Measured on one H200 at CogVideoX shapes (BENCHMARKS.md):
-FA4 is the fastest, then cuDNN, then flash SDPA. Kernels that only take fp16/bf16 fall back to PyTorch's
+``auto`` on CUDA picks flash-attn-4 (CuTe DSL, ``pip install flash-attn-4``) on Hopper and Blackwell GPUs when
+it imports and passes a one-off self-test on this GPU, else cuDNN SDPA. Measured on one H200 at CogVideoX shapes
+(BENCHMARKS.md): FA4 is the fastest, then cuDNN, then flash SDPA. Kernels that only take fp16/bf16 fall back to PyTorch's
 SDPA for other dtypes, so every name works with every dtype.
 """
 
@@ -176,11 +176,25 @@ def kernel_works(name: str, device: torch.device | str) -> bool:
     return _WORKS[key]
 
 
+# GPU generations (compute capability majors) on which ``auto`` may pick flash-attn-4: Hopper (9) and datacenter
+# Blackwell (10, 11), the targets FA4 is written and tuned for (measured fastest on an H200, BENCHMARKS.md). FA4
+# 4.0.0b36 also accepts Ampere/Ada (8.x, a path its code marks "should tune") and consumer Blackwell (12.x);
+# there ``auto`` keeps cuDNN SDPA, unmeasured against FA4, and ``fa4`` asked for by name still runs.
+FA4_AUTO_MAJORS = (9, 10, 11)
+
+
+def _fa4_targets(device: torch.device | str) -> bool:
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in FA4_AUTO_MAJORS
+
+
 def resolve_kernel(name: str, device: torch.device | str) -> str:
     """Map ``auto`` to the fastest kernel here; reject kernels that cannot run on this device."""
     names = available_kernels(device)
     if name == "auto":
         for candidate in names:
+            if candidate == "fa4" and not _fa4_targets(device):
+                continue
             if candidate not in ("fa4", "fa3") or kernel_works(candidate, device):
                 return candidate
         return names[-1]

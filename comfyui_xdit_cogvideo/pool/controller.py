@@ -93,6 +93,7 @@ class WorkerPool:
         self._slot = _FifoSlot()
         self._ranks: list[Rank] = []
         self.last_plan = None  # the memory.MemoryPlan of the last generate job
+        self.last_decode = None  # the vae_parallel.DecodeChoice of the last decode job
         self._state = "stopped"
         self._generation = 0
         self._inbox: queue.Queue = queue.Queue()
@@ -508,21 +509,25 @@ class WorkerPool:
 
         return self._run("generate", model, args, on_event, cancel, leader_only=False, prepare=plan)
 
-    def decode(self, model: p.ModelSpec, latents: torch.Tensor, frames: int | None = None, tiled: bool = True,
+    def decode(self, model: p.ModelSpec, latents: torch.Tensor, frames: int | None = None, tiled: bool | None = None,
                on_event: Callable[[p.ProgressEvent], None] | None = None, cancel: Callable[[], bool] | None = None,
                tiling=None) -> torch.Tensor:
         """Video frames [F, H, W, 3] float in 0..1 through the model's VAE.
 
-        ``tiled=True``: diffusers' tiled decode with the tiles spread over all ranks (equal to single-process
-        tiled decode). ``tiled=False``: plain decode on rank 0. ``tiling``: a ``vae_parallel.Tiling`` to override
-        the VAE's tile size and overlap. ``frames`` drops CogVideoX 1.5's temporal padding.
+        ``tiled=None`` (auto): untiled on rank 0 when its estimated peak fits rank 0's free memory and the pool has
+        fewer than ``vae_parallel.TILED_DECODE_MIN_RANKS`` ranks (fastest there), else tiled over all ranks.
+        ``tiled=True``: diffusers' tiled decode with the tiles spread over all ranks (equal to single-process tiled
+        decode). ``tiled=False``: plain decode on rank 0. The choice and its reason are in ``last_decode`` (a
+        ``vae_parallel.DecodeChoice``) and in ``status()``. ``tiling``: a ``vae_parallel.Tiling`` to override the
+        VAE's tile size and overlap. ``frames`` drops CogVideoX 1.5's temporal padding.
         """
         from ..loading import read_model_info
 
         model = _spec(model)
         model.validate()
         info = read_model_info(model.source)
-        if model.source.resolve().vae is None:
+        vae_path = model.source.resolve().vae
+        if vae_path is None:
             raise ModelError("this model has no VAE; give a vae path (a diffusers vae/ folder or a .safetensors file)")
         if not torch.is_tensor(latents) or latents.dim() != 5 or latents.shape[2] != info.latent_channels:
             shape = list(latents.shape) if torch.is_tensor(latents) else type(latents).__name__
@@ -533,12 +538,28 @@ class WorkerPool:
                 raise RequestError(f"frames must be 4k+1, got {frames}")
             if (frames - 1) // 4 + 1 > latents.shape[1]:
                 raise RequestError(f"latents hold {latents.shape[1]} latent frames, fewer than {frames} video frames need")
+        if tiled is not None and not isinstance(tiled, bool):
+            raise RequestError(f"tiled must be True, False or None (automatic), got {tiled!r}")
         wire_tiling = None
         if tiling is not None:
             wire_tiling = [tiling.sample_height, tiling.sample_width, tiling.overlap_height, tiling.overlap_width]
-        args = {"latents": latents[:1].detach().cpu(), "frames": frames, "tiled": bool(tiled),
-                "tiling": wire_tiling, "leader_only": not tiled}
-        return self._run("decode", model, args, on_event, cancel, leader_only=not tiled)
+        args = {"latents": latents[:1].detach().cpu(), "frames": frames, "tiling": wire_tiling}
+        video_frames = frames or (latents.shape[1] - 1) * 4 + 1
+        dtype_bytes = {"fp32": 4, "bf16": 2, "fp16": 2}.get(model.dtype, 2)
+
+        def choose(args: dict) -> None:  # in the job's slot: rank 0's free memory as it is now
+            from ..memory import decode_budget, untiled_decode_peak
+            from ..vae_parallel import choose_decode
+
+            needed = untiled_decode_peak(vae_path, video_frames, latents.shape[3] * 8, latents.shape[4] * 8,
+                                         dtype_bytes)
+            ranks = self.status()["ranks"]
+            choice = choose_decode(tiled, self.world_size, needed, decode_budget(ranks[0]["memory"] if ranks else None))
+            with self._lock:
+                self.last_decode = choice
+            args.update(tiled=choice.tiled, leader_only=not choice.tiled)
+
+        return self._run("decode", model, args, on_event, cancel, leader_only=tiled is False, prepare=choose)
 
     def encode_prompt(self, model: p.ModelSpec, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """T5 embeddings [1, 226, D] of prompt and negative prompt, made on rank 0 as diffusers makes them."""
@@ -576,6 +597,7 @@ class WorkerPool:
                     log.warning("before_job hook failed", exc_info=True)
             if prepare is not None:
                 prepare(args)
+                leader_only = bool(args.get("leader_only", leader_only))  # a decode's choice of ranks
             with self._lock:
                 generation = self._generation
                 targets = list(self._ranks)[:1] if leader_only else list(self._ranks)
@@ -632,8 +654,11 @@ class WorkerPool:
                 ",".join(sorted({r.backend for r in self._ranks if r.backend})) or "unknown",
                 "world_size": self.world_size, "ranks": ranks,
                 "model": leader.get("model"), "layout": leader.get("layout"), "loads": leader.get("loads", 0),
+                "startup": leader.get("startup") or {}, "last_job": leader.get("last_job") or {},
+                "compile": leader.get("compile") or {},
                 "job": dict(self._job) if self._job else None, "jobs_done": self._jobs_done,
                 "starts": self._starts, "started_at": self._started_at, "last_error": self._last_error,
+                "last_decode": self.last_decode.describe() if self.last_decode is not None else None,
             }
 
 

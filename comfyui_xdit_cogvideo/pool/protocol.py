@@ -127,6 +127,9 @@ class Heartbeat(Message):
     layout: list | None = None
     loads: int = 0
     vae_loads: int = 0
+    startup: dict = field(default_factory=dict)   # seconds per start-up phase of this process
+    last_job: dict = field(default_factory=dict)  # seconds per phase of the last generate job
+    compile: dict = field(default_factory=dict)   # the compile policy's last decision and any warm-up
 
 
 @_message

@@ -51,6 +51,17 @@ def _memory(device) -> dict:
     return {"rss": rss}
 
 
+def _process_age() -> float | None:
+    """Seconds since this process was created (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rpartition(")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return round(float(f.read().split()[0]) - started, 3)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _quit(code: int) -> None:
     """Leave now: flush what we printed, skip interpreter teardown (a collective may still block a thread)."""
     for stream in (sys.stdout, sys.stderr):
@@ -87,6 +98,8 @@ class Worker:
         self.vae_key = None
         self.loads = 0
         self.vae_loads = 0
+        self.startup: dict = {}
+        self.last_job: dict = {}
         self.heartbeat = 1.0
         self.controller_timeout = 60.0
         self.last_rx = time.monotonic()
@@ -178,9 +191,11 @@ class Worker:
                      "memory": engine.memory.describe()}
             lay = engine.groups.layout
             layout = [lay.cfg, lay.ulysses, lay.ring]
+        optimizer = getattr(engine, "optimizer", None)
         return p.Heartbeat(rank=self.rank, state=self.state, job=self.job, phase=self.phase, step=list(self.step),
                            tick=self.tick, memory=_memory(self.device), model=model, layout=layout, loads=self.loads,
-                           vae_loads=self.vae_loads)
+                           vae_loads=self.vae_loads, startup=self.startup, last_job=self.last_job,
+                           compile=optimizer.compile_report() if optimizer is not None else {})
 
     # -- resident state ----------------------------------------------------------------------------------
     def _free_cached(self) -> None:
@@ -217,7 +232,8 @@ class Worker:
             self.send(p.Event(job, "load", 0, 1))
         try:
             engine = CogVideoEngine(spec.source, dtype=spec.dtype, device=self.device,
-                                    groups=ParallelGroups.single(), attention=spec.attention, memory=plan)
+                                    groups=ParallelGroups.single(), attention=spec.attention, memory=plan,
+                                    optimize=os.environ.get("XDIT_COGVIDEO_OPTIMIZE") or "auto")
         except OSError as error:  # unreadable or truncated weights: the model's fault, not this process's
             raise ModelError(f"cannot load {spec.source.path}: {error}") from error
         except Exception as error:
@@ -331,9 +347,13 @@ class Worker:
         if groups is None:  # a layout smaller than the pool: this rank built the groups and sits the job out
             return None
         plan = MemoryPlan.from_wire(args.get("memory")) or MemoryPlan.default(spec.memory, groups.layout.world_size)
+        started, loads = time.perf_counter(), self.loads
         engine = self.engine_for(spec, groups.is_leader, job.id, plan)
-        self.configure(engine, groups, spec.attention)
+        loaded = time.perf_counter()
+        self.configure(engine, groups, spec.attention)  # the attention kernel's self-test (FA4 JIT) runs here
         engine.set_loras(spec.loras)  # merged in place: the base is never reloaded
+        timings = {"job": job.id, "load_s": round(loaded - started, 3), "loaded": self.loads > loads,
+                   "configure_s": round(time.perf_counter() - loaded, 3)}
         request = GenerationRequest(**args["request"])
         self.state, self.phase = "sampling", "sample"
         clock = {"last": time.perf_counter()}
@@ -345,7 +365,10 @@ class Worker:
             preview = latents[0, latents.shape[1] // 2].detach().float().cpu()
             self.send(p.Event(job.id, "sample", step, total, seconds, preview))
 
-        latents = engine.generate(request, on_step=on_step, should_cancel=self._should_cancel(job.id))
+        try:
+            latents = engine.generate(request, on_step=on_step, should_cancel=self._should_cancel(job.id))
+        finally:
+            self.last_job = {**timings, **engine.timings}
         return latents if groups.is_leader else None
 
     def run_decode(self, job: p.Job):
@@ -489,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect-timeout", type=float, default=600.0,
                         help="seconds to keep retrying the controller (default 600)")
     args = parser.parse_args(argv)
+    begun = time.perf_counter()
+    startup = {"spawn_s": _process_age()}  # interpreter start and our package's import, before main()
 
     rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
     world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
@@ -527,6 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", 0)
     backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
 
+    startup["imports_s"] = round(time.perf_counter() - begun, 3)
     # Connect only now that the slow imports are done: the pool gives each connection HANDSHAKE_TIMEOUT to say hello.
     channel = _connect(host, port, key, connect_deadline, args.parent_pid)
     channel.send(p.Hello(rank=rank, world=world, pid=os.getpid(), host=socket.gethostname(), device=str(device),
@@ -542,9 +568,13 @@ def main(argv: list[str] | None = None) -> int:
         worker.store_dir = os.path.dirname(welcome.store)
     for target in (worker._reader, worker._heartbeats, worker._watchdog):
         threading.Thread(target=target, daemon=True, name=target.__name__).start()
+    worker.startup = startup
     try:
+        mark = time.perf_counter()
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        startup["device_init_s"] = round(time.perf_counter() - mark, 3)
+        mark = time.perf_counter()
         timeout = timedelta(seconds=welcome.pg_timeout)
         # No device_id: a bound default group makes torch split every NCCL subgroup from it, and non-members of
         # a gloo subgroup then split alone and hang (see ParallelGroups.create).
@@ -554,8 +584,11 @@ def main(argv: list[str] | None = None) -> int:
         worker.send(p.Ready(False, vars(p.ErrorInfo.of(error, traceback.format_exc()))))
         time.sleep(0.5)
         return 1
+    startup["process_group_s"] = round(time.perf_counter() - mark, 3)
+    mark = time.perf_counter()
     for module in ("..engine", "..vae_parallel"):  # imported now, not by the first job: its deadline is for work
         importlib.import_module(module, __package__)
+    startup["engine_imports_s"] = round(time.perf_counter() - mark, 3)
 
     worker.state = "idle"
     worker.send(worker.snapshot())  # before Ready, so the pool's first status already has it

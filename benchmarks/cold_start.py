@@ -1,0 +1,199 @@
+"""Cold start, measured: a machine that never compiled, a new pool on a machine that did, and a warm job.
+
+    python benchmarks/cold_start.py --models 2b --out cold_2b.json          # one H200, about 5 minutes
+    python benchmarks/cold_start.py --models 5b --no-second-job --out cold_5b.json   # about 9 minutes
+    XDIT_COGVIDEO_OPTIMIZE=fuse,compile python benchmarks/cold_start.py --tiny --device cpu --steps 4 --out /tmp/c.json
+
+Per model (random full-size weights saved as a diffusers folder by ``pool_bench.build_folder``, a prompt, so
+T5 runs; 50 steps; decode), all on the wall clock from the caller:
+
+1. ``diffusers``: plain diffusers in a fresh process: load, then the whole job (its "first job").
+2. ``never_compiled``: every cache empty (a new folder for Inductor, Triton, FA4's JIT, CUDA's JIT and our
+   markers): a new pool's first job, from submit (the pool starts inside it) to decoded frames. Then we wait
+   for the compile policy's background warm-up and run a ``second_job`` in the same pool.
+3. ``compiled_machine``: a new pool on the same caches: submit to first step, and the whole first job.
+4. ``warm``: one more job in that pool.
+
+Each pool entry carries the pool's own account (``status()``: worker start-up phases, load, compile policy
+decision with cache counters and first-block timings, first step) so the time goes somewhere named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_folder_args, json_document, log, model_spec  # noqa: E402
+from pool_bench import PROMPT, build_folder  # noqa: E402
+
+os.environ["XDIT_COGVIDEO_COMPILE"] = "auto"  # the default policy is what this measures (common.py sets always)
+
+CACHE_ENV = ("XDIT_COGVIDEO_CACHE", "TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR",
+             "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", "CUDA_CACHE_PATH")
+
+
+def fresh_caches(root: Path) -> dict:
+    """Point every compile/JIT cache at new empty folders under ``root`` (workers inherit the environment)."""
+    names = {"XDIT_COGVIDEO_CACHE": "xdit", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton",
+             "FLASH_ATTENTION_CUTE_DSL_CACHE_DIR": "fa4", "CUDA_CACHE_PATH": "cuda"}
+    for name, sub in names.items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        os.environ[name] = str(root / sub)
+    os.environ["FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED"] = "1"
+    return {name: os.environ[name] for name in names}
+
+
+def diffusers_child(folder: str, size: list, steps: int, device: str, out: str) -> None:
+    """In a fresh process: plain diffusers' load and one whole job (T5, steps, decode)."""
+    from diffusers import CogVideoXPipeline
+
+    t0 = time.perf_counter()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = CogVideoXPipeline.from_pretrained(folder, torch_dtype=dtype).to("cuda:0" if device == "cuda" else "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync()
+    t1 = time.perf_counter()
+    frames, height, width = size
+    latents = pipe(prompt=PROMPT, num_frames=frames, height=height, width=width, num_inference_steps=steps,
+                   guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(42), output_type="latent").frames
+    pipe.decode_latents(latents)
+    sync()
+    t2 = time.perf_counter()
+    Path(out).write_text(json.dumps({"load_s": round(t1 - t0, 2), "job_s": round(t2 - t1, 2),
+                                     "first_job_s": round(t2 - t0, 2)}))
+
+
+def diffusers_first_job(folder: Path, size, args) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--diffusers-child", str(folder), json.dumps(list(size)),
+                    str(args.steps), args.device, out], check=True, timeout=1200)
+    row = json.loads(Path(out).read_text())
+    row["process_s"] = round(time.perf_counter() - t, 2)  # interpreter and imports included
+    os.unlink(out)
+    return row
+
+
+class Pool:
+    """One pool and its jobs, timed from the caller."""
+
+    def __init__(self, folder: Path, args, size):
+        from comfyui_xdit_cogvideo.pool import ModelSpec, WorkerPool
+
+        self.args, self.size = args, size
+        self.spec = ModelSpec(str(folder), dtype="bf16" if args.device == "cuda" else "fp32")
+        self.pool = WorkerPool("0" if args.device == "cuda" else "cpu:1")
+
+    def job(self) -> dict:
+        from comfyui_xdit_cogvideo import GenerationRequest
+
+        frames, height, width = self.size
+        first: list[float] = []
+
+        def on_event(event):
+            if event.phase == "sample" and event.step >= 1 and not first:
+                first.append(time.perf_counter())
+
+        request = GenerationRequest(prompt=PROMPT, frames=frames, height=height, width=width, steps=self.args.steps,
+                                    guidance=6.0, seed=42)
+        t = time.perf_counter()
+        latents = self.pool.generate(self.spec, request, on_event=on_event)
+        sampled = time.perf_counter()
+        self.pool.decode(self.spec, latents, frames=frames)
+        done = time.perf_counter()
+        status = self.pool.status()
+        return {"whole_s": round(done - t, 2), "submit_to_first_step_s": round(first[0] - t, 2) if first else None,
+                "sample_s": round(sampled - t, 2), "decode_s": round(done - sampled, 2),
+                "startup": status.get("startup"), "job": status.get("last_job"), "compile": status.get("compile")}
+
+    def wait_for_warmup(self, timeout: float) -> dict:
+        """Until the compile policy's background compile (if any) has finished."""
+        t = time.perf_counter()
+        state = None
+        while time.perf_counter() - t < timeout:
+            warmup = (self.pool.status().get("compile") or {}).get("warmup") or {}
+            state = warmup.get("state")
+            if state != "running":
+                break
+            time.sleep(1.0)
+        return {"state": state, "waited_s": round(time.perf_counter() - t, 1)}
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+def ratio(diffusers_s: float | None, ours_s: float | None) -> float | None:
+    return round(diffusers_s / ours_s, 3) if diffusers_s and ours_s else None
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--models", default="2b")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cache-root", default=None, help="where the fresh caches go (default: a new temp folder)")
+    p.add_argument("--warm-timeout", type=float, default=400.0)
+    p.add_argument("--no-second-job", action="store_true", help="skip the job after the warm-up (saves time on 5b)")
+    add_folder_args(p)
+    args = p.parse_args(argv)
+    out, save = json_document(args)
+
+    root = Path(args.models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in [m for m in args.models.split(",") if m]:
+        size = model_spec(name, args.tiny)["size"]
+        res = out["models"].setdefault(name, {"size": size, "steps": args.steps})
+        t = time.perf_counter()
+        folder = build_folder(name, root, args.tiny, "cuda:0" if args.device == "cuda" else "cpu")
+        res["folder_build_s"] = round(time.perf_counter() - t, 1)
+        cache_root = Path(args.cache_root or tempfile.mkdtemp(prefix="xdit-cold-")) / name
+        res["caches"] = fresh_caches(cache_root)
+        if not args.no_diffusers:
+            res["diffusers"] = diffusers_first_job(folder, size, args)
+            log(f"{name} diffusers: {res['diffusers']}")
+            save()
+        pool = Pool(folder, args, size)
+        try:
+            res["never_compiled"] = pool.job()
+            log(f"{name} never compiled: {json.dumps(res['never_compiled'])[:600]}")
+            res["warmup_wait"] = pool.wait_for_warmup(args.warm_timeout)
+            if not args.no_second_job:
+                res["second_job"] = pool.job()
+                log(f"{name} second job: {json.dumps(res['second_job'])[:600]}")
+            save()
+        finally:
+            pool.close()
+        pool = Pool(folder, args, size)
+        try:
+            res["compiled_machine"] = pool.job()
+            log(f"{name} compiled machine: {json.dumps(res['compiled_machine'])[:600]}")
+            res["warm"] = pool.job()
+            log(f"{name} warm: {json.dumps(res['warm'])[:300]}")
+        finally:
+            pool.close()
+        d = res.get("diffusers", {})
+        res["ratios_vs_diffusers"] = {
+            "never_compiled_first_job": ratio(d.get("first_job_s"), res["never_compiled"]["whole_s"]),
+            "compiled_machine_first_job": ratio(d.get("first_job_s"), res["compiled_machine"]["whole_s"]),
+            "warm_job_vs_diffusers_job_after_load": ratio(d.get("job_s"), res["warm"]["whole_s"])}
+        log(f"{name}: {res['ratios_vs_diffusers']}")
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--diffusers-child":
+        diffusers_child(sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6])
+    else:
+        main()

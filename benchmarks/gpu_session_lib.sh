@@ -1,0 +1,60 @@
+# Shared by gpu_session_1gpu.sh and gpu_session_fsdp.sh (sourced, not run): the FA4 set-up in two device calls,
+# a per-part clock, and `step`, which runs one benchmark under its own `timeout` cut to what the part has left.
+#
+# Set-up (the machine must stay warm between the calls; a fresh machine needs both again):
+#   part setup   carry [".whl", ".fa4/p1"]          project wheels into /tmp/site; first half of the cu13 wheel
+#   next part    carry [".fa4/p2", ".fa4/wheels"]   second half, unpack, flash-attn-4 (benchmarks/fa4_setup.sh)
+# No model folders are needed: every benchmark here builds random full-size weights on the GPU.
+# SMOKE=1 runs the same steps on the CPU with the tiny models (checks this shell logic without a GPU).
+
+export PYTHONUNBUFFERED=1 XDIT_COGVIDEO_CACHE=${XDIT_COGVIDEO_CACHE:-/tmp/xdit-cache} CU13X=/tmp/cu13x
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+PART_S=${PART_S:-520}   # seconds one part may take (a device call allows at most 600 s; keep a margin)
+T0=$(date +%s)
+say() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+left() { echo $(( PART_S - ($(date +%s) - T0) )); }
+
+if [ -n "$SMOKE" ]; then
+  TINY="--tiny --device cpu"
+else
+  TINY=""
+fi
+
+setup_first() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "setup: .whl wheels did not install (carry .whl)"; exit 3; }
+  cp .fa4/p1/part.aa /tmp/cu13.part.aa || { echo "setup: carry .fa4/p1"; exit 3; }
+  nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv,noheader
+  df -h /tmp | tail -1
+  say "setup (first half) done"
+}
+
+ensure_env() {
+  [ -n "$SMOKE" ] && { export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}; return 0; }
+  if [ ! -f /tmp/site/.xdit_setup_done ]; then
+    [ -f /tmp/cu13.part.aa ] || { echo "no set-up here: run part 'setup' first (carry .whl, .fa4/p1)"; exit 3; }
+    [ -f .fa4/p2/part.ab ] || { echo "set-up unfinished: carry .fa4/p2 and .fa4/wheels with this part"; exit 3; }
+    cat /tmp/cu13.part.aa .fa4/p2/part.ab > /tmp/cu13.whl && mkdir -p $CU13X && \
+      python3 -m zipfile -e /tmp/cu13.whl $CU13X
+  fi
+  export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+  . benchmarks/fa4_setup.sh || { echo "FA4 set-up failed"; exit 3; }
+  say "environment ready"
+}
+
+# step NAME LIMIT_S CMD...: run CMD under `timeout`, cut to what the part has left; "@BUDGET@" in CMD becomes the
+# seconds the command may plan with (its own limit minus 40 s for the interpreter start and a margin). Skipped when
+# less than 90 s are left. Output goes to $OUT/NAME.log; its last lines (without warnings) are echoed.
+step() {
+  local name=$1 limit=$2; shift 2
+  local have; have=$(left)
+  [ "$have" -lt "$limit" ] && limit=$have
+  if [ "$limit" -lt 90 ]; then say "SKIP $name: only ${have} s left in this part"; return 0; fi
+  local budget=$(( limit - 40 )) args=() a
+  for a in "$@"; do args+=("${a//@BUDGET@/$budget}"); done
+  say "$name (limit ${limit} s): ${args[*]}"
+  timeout -k 10 "$limit" "${args[@]}" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -av "Warning\|warnings.warn\|Loading\|it/s\]\|float32\|^\s*$" "$OUT/$name.log" | cut -c1-300 | tail -30
+  say "$name rc=$rc$([ $rc = 124 ] && echo ' (timed out)')"
+}

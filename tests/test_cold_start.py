@@ -1,0 +1,213 @@
+"""Cold start: the compile policy's decisions, the compile-cache key, and the warm-up -> cache-hit round trip
+across processes (real Inductor compiles on CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfyui_xdit_cogvideo import CogVideoEngine, GenerationRequest
+from comfyui_xdit_cogvideo import compile_cache as cc
+from comfyui_xdit_cogvideo import optimize
+from comfyui_xdit_cogvideo.optimize import OptimizeOptions, _block_post, _block_pre, compile_key_of
+
+REQUEST = dict(prompt="a cat playing piano", frames=9, height=32, width=48, steps=5, seed=5)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_policy_flags():
+    assert OptimizeOptions.parse("auto", "cuda").compile_policy == "auto"
+    always = OptimizeOptions.parse("fuse,compile=always", "cpu")
+    assert always.compile and always.compile_policy == "always"
+    assert OptimizeOptions.parse("auto,compile=auto", "cuda") == OptimizeOptions()
+    assert not OptimizeOptions.parse("auto,nocompile", "cuda").compile
+    with pytest.raises(ValueError, match="'sometimes'"):
+        OptimizeOptions.parse("compile_policy=sometimes", "cuda")
+
+
+def test_benchmarks_compile_always_and_cold_start_measures_auto(monkeypatch):
+    monkeypatch.setenv("XDIT_COGVIDEO_COMPILE", "always")
+    assert OptimizeOptions.parse("auto", "cuda").compile_policy == "always"
+    assert OptimizeOptions.parse("fuse,compile", "cpu").compile_policy == "always"
+    monkeypatch.setenv("XDIT_COGVIDEO_COMPILE", "never")
+    with pytest.raises(ValueError, match="XDIT_COGVIDEO_COMPILE.*'never'"):
+        OptimizeOptions.parse("auto", "cuda")
+    monkeypatch.delenv("XDIT_COGVIDEO_COMPILE")
+    code = ("import os, sys; sys.path.insert(0, 'benchmarks'); import common; a = os.environ['XDIT_COGVIDEO_COMPILE']; "
+            "import cold_start; print(a, os.environ['XDIT_COGVIDEO_COMPILE'])")
+    env = {k: v for k, v in os.environ.items() if k != "XDIT_COGVIDEO_COMPILE"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.split() == ["always", "auto"], result.stderr[-2000:]
+
+
+def test_pays_off_weighs_the_named_costs(monkeypatch):
+    monkeypatch.setattr(cc, "COLD_COMPILE_S", 45.0)
+    monkeypatch.setattr(cc, "COMPILED_STEP_GAIN", 0.1)
+    assert not cc.pays_off(48, 0.5)      # 2.4 s saved < 45 s compile: a 2b job runs eager
+    assert cc.pays_off(1000, 1.0)        # 100 s saved > 45 s
+    assert not cc.pays_off(0, 100.0)
+
+
+def _block_args(block, height_tokens: int, dtype=torch.float32, transpose=False):
+    h = torch.randn(2, height_tokens, 96, dtype=dtype)
+    if transpose:  # same shape, other strides
+        h = torch.randn(2, 96, height_tokens, dtype=dtype).transpose(1, 2)
+    e = torch.randn(2, 226, 96, dtype=dtype)
+    cos = torch.randn(height_tokens, 16, dtype=dtype)
+    return (block, h, e, torch.randn(2, 16, dtype=dtype), cos, cos.clone(), True)
+
+
+def test_compile_key_separates_shapes_layouts_options_and_models(tiny_path):
+    t5b = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="none").transformer
+    t2b = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none").transformer
+    block = t5b.transformer_blocks[0]
+    options = OptimizeOptions()
+
+    def key(args, transformer=t5b, opts=options):
+        return compile_key_of(transformer, opts, cc.args_spec(args), torch.device("cpu"))
+
+    base = key(_block_args(block, 18))
+    assert base == key(_block_args(block, 18))                     # same shapes: the same key (other values)
+    assert base != key(_block_args(block, 36))                     # another size or a sequence shard
+    assert base != key(_block_args(block, 18, transpose=True))     # same shape, other strides
+    assert base != key(_block_args(block, 18, dtype=torch.bfloat16))
+    assert base != key(_block_args(block, 18), opts=OptimizeOptions(fp8=True))
+    assert base != key(_block_args(block, 18), opts=OptimizeOptions(gelu_epilogue=False))
+    assert base == key(_block_args(block, 18), opts=OptimizeOptions(compile_policy="always", step_cache=0.1))
+    assert base != key(_block_args(block, 18), transformer=t2b)    # another model config
+
+
+class _FakeWarmup:
+    started: list = []
+
+    def __init__(self, key, job):
+        self.key, self.job = key, job
+
+    def start(self):
+        _FakeWarmup.started.append(self)
+        return self
+
+    def poll(self):
+        return "running"
+
+    def describe(self):
+        return {"key": self.key, "state": "running"}
+
+
+def test_policy_auto_in_jobs(tiny_path, tmp_path, monkeypatch):
+    """Eager + warm-up on a first run; compiled from DECIDE_AT_STEP when that pays off; compiled from step 0 on
+    a cache hit -- every time with diffusers' latents. The compiled graphs are stood in for by counting eager
+    calls (the real compile is covered by test_warm_up_then_cache_hit_in_a_new_process)."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setattr(optimize, "_IN_MEMORY", set())
+    monkeypatch.setattr(cc, "Warmup", _FakeWarmup)
+    marked = []
+    monkeypatch.setattr(cc, "mark_compiled", lambda key, info: marked.append(key))
+    plain = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="none")
+    reference = plain.generate(GenerationRequest(**REQUEST))
+    engine = CogVideoEngine(str(tiny_path("5b")), dtype="fp32", optimize="fuse,compile,contiguous_v")
+    opt, calls = engine.optimizer, {"pre": 0, "post": 0}
+
+    def counting(name, fn):
+        def run(*args):
+            calls[name] += 1
+            return fn(*args)
+        return run
+
+    opt._pre_c, opt._post_c = counting("pre", _block_pre), counting("post", _block_post)
+    blocks = len(opt.blocks)
+
+    _FakeWarmup.started.clear()
+    assert _rel(engine.generate(GenerationRequest(**REQUEST)), reference) < 1e-5
+    report = engine.optimizer.compile_report()
+    assert report["why"] == "eager: first run of this shape, compiling for next time", report
+    assert calls == {"pre": 0, "post": 0} and not marked
+    (warm,) = _FakeWarmup.started
+    assert warm.key == report["key"] and warm.job["pre"][0]["shape"][0] == 2 and warm.job["post"]
+    assert report["warmup"] == {"key": report["key"], "state": "running"}
+    assert {"pre_s", "attention_s", "post_s"} <= set(report["first_block"])
+
+    monkeypatch.setattr(cc, "COLD_COMPILE_S", 0.0)  # now any compile pays off: switch at DECIDE_AT_STEP
+    assert _rel(engine.generate(GenerationRequest(**REQUEST)), reference) < 1e-5
+    report = engine.optimizer.compile_report()
+    assert report["why"] == f"compiled from step {cc.DECIDE_AT_STEP}: pays off within this job", report
+    assert calls["pre"] == calls["post"] == blocks * (REQUEST["steps"] - cc.DECIDE_AT_STEP)
+    assert marked == [report["key"]] and report["key"] in optimize._IN_MEMORY
+
+    monkeypatch.setattr(cc, "COLD_COMPILE_S", 1e9)
+    monkeypatch.setattr(optimize, "_IN_MEMORY", set())
+    monkeypatch.setattr(cc, "is_compiled", lambda key: True)  # another process compiled this key
+    calls.update(pre=0, post=0)
+    assert _rel(engine.generate(GenerationRequest(**REQUEST)), reference) < 1e-5
+    report = engine.optimizer.compile_report()
+    assert report["why"] == "compiled: cache hit", report
+    assert calls["pre"] == blocks * REQUEST["steps"]
+
+    engine.optimize("fuse,contiguous_v")  # compile off: eager, and said so
+    engine.generate(GenerationRequest(**REQUEST))
+    assert engine.optimizer.compile_report()["why"] == "eager: compile off"
+
+
+def _child(model: Path, prefix: Path, env: dict, *flags: str) -> dict:
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "cold_start_child.py"), str(model), str(prefix),
+                             *flags], env=env, capture_output=True, text=True, timeout=850)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(Path(f"{prefix}.json").read_text())
+
+
+@pytest.mark.timeout(900)
+def test_warm_up_then_cache_hit_in_a_new_process(tiny_path, tmp_path):
+    """A first process runs eager and its background warm-up compiles; a second process on the same caches
+    compiles from them (Inductor's FX-graph and AOT-autograd caches hit, nothing missed) with the same latents."""
+    model = tiny_path("5b")
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    first = _child(model, tmp_path / "first", env, "--wait-warmup")
+    key = first["report"]["key"]
+    assert first["report"]["why"] == "eager: first run of this shape, compiling for next time", first
+    assert first["warmups"] == {key: "done"}
+    assert (tmp_path / "inductor" / cc.MARKERS / f"{key}.json").is_file()
+
+    second = _child(model, tmp_path / "second", env)
+    report = second["report"]
+    assert report["key"] == key and report["why"] == "compiled: cache hit", report
+    cache = report["first_block"]["cache"]
+    assert cache["fx_hit"] >= 1 and cache["fx_miss"] == 0 and cache["aot_miss"] == 0, cache
+    eager, compiled = torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt")
+    assert _rel(compiled, eager) < 1e-5
+
+
+@pytest.mark.timeout(300)
+def test_pool_status_names_where_the_time_went(tiny_path, monkeypatch):
+    """Worker start-up phases, the job's phases and the compile policy's decision reach pool.status(); the
+    workers take their optimize options from XDIT_COGVIDEO_OPTIMIZE."""
+    from comfyui_xdit_cogvideo.pool import ModelSpec, WorkerPool
+
+    tiny_path("2b")
+    monkeypatch.setenv("XDIT_COGVIDEO_OPTIMIZE", "fuse")
+    pool = WorkerPool("cpu:1", echo_output=False)
+    try:
+        request = GenerationRequest(prompt="a cat", frames=9, height=32, width=48, steps=2, seed=1)
+        pool.generate(ModelSpec("tiny", dtype="fp32"), request)
+        status = pool.status()
+        assert {"spawn_s", "imports_s", "process_group_s", "engine_imports_s"} <= set(status["startup"]), status
+        job = status["last_job"]
+        assert job["loaded"] and {"load_s", "configure_s", "text_s", "place_s", "first_step_s",
+                                  "other_steps_s"} <= set(job), job
+        assert status["compile"]["why"] == "eager: compile off" and status["compile"]["policy"] == "off"
+        assert {"pre_s", "attention_s", "post_s"} <= set(status["compile"]["first_block"])
+        pool.generate(ModelSpec("tiny", dtype="fp32"), request)
+        assert pool.status()["last_job"]["loaded"] is False
+    finally:
+        pool.shutdown()
