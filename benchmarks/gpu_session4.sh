@@ -22,7 +22,10 @@ clocks() {
     q="$q,clocks_event_reasons.active"
   fi
   nvidia-smi --query-gpu=$q --format=csv -lms 500 > "$OUT/${part}_clocks.csv" 2>&1 &
+  CLOCKS_PID=$!
 }
+# wait for the benchmarks only (a bare `wait` would also wait for the endless clock logger)
+wait_runs() { local j; for j in $(jobs -p); do [ "$j" = "$CLOCKS_PID" ] || wait "$j"; done; }
 
 if [ "$part" = T1 ]; then
   setup_first
@@ -38,7 +41,7 @@ if [ "$part" = T1 ]; then
         --out "$OUT/T1_xfuser_compile.json" ) &
   CUDA_VISIBLE_DEVICES=1 step T1_pool_5b 540 python3 benchmarks/pool_bench.py --models 5b --pools "0=1" \
       --cold-steps 2 --models-dir /tmp/models --out "$OUT/T1_pool_5b.json" &
-  wait
+  wait_runs
   du -sh /tmp/models/*
 fi
 
@@ -52,7 +55,7 @@ if [ "$part" = T2 ]; then
         --budget @BUDGET@ --out "$OUT/T2_xfuser_compile_jobs.json" ) &
   CUDA_VISIBLE_DEVICES=1 step T2_cold_5b 550 python3 benchmarks/cold_start.py --models 5b --no-second-job \
       --models-dir /tmp/models --cache-root /tmp/cold --out "$OUT/T2_cold_5b.json" &
-  wait
+  wait_runs
 fi
 
 if [ "$part" = T3 ]; then
@@ -66,5 +69,5 @@ if [ "$part" = T3 ]; then
       benchmarks/xfuser_bench.py --cfg --compile --models 2b,5b --steps 2b=8,5b=7 --warmup 3 --budget @BUDGET@ \
       --out "$OUT/T3_xfuser_cfg_compile.json"
 fi
-kill %1 2>/dev/null
+[ -n "$CLOCKS_PID" ] && kill "$CLOCKS_PID" 2>/dev/null
 say "part $part done"

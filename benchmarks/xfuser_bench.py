@@ -70,6 +70,7 @@ def main(argv=None):
 
         out["xfuser"] = version("xfuser")
         from diffusers import CogVideoXPipeline
+        _flash_attn_version_for_xfuser()
         from xfuser import xFuserArgs, xFuserCogVideoXPipeline
         from xfuser.core.distributed import get_runtime_state
     except Exception as error:  # noqa: BLE001
@@ -194,6 +195,23 @@ def whole_jobs(folder: Path, size: tuple, engine_config, args, device: torch.dev
         return row
     except Exception as error:  # noqa: BLE001
         return {"error": f"{type(error).__name__}: {error}"[:600], "traceback": traceback.format_exc()[-3000:]}
+
+
+def _flash_attn_version_for_xfuser() -> None:
+    """xfuser 0.7.0's --use_torch_compile reads ``flash_attn.__version__`` whenever a ``flash_attn`` module is
+    loaded; flash-attn-4's namespace package has none (AttributeError). Give it the installed distribution's."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return
+    import flash_attn
+
+    if not hasattr(flash_attn, "__version__"):
+        try:
+            flash_attn.__version__ = version("flash-attn-4")
+        except PackageNotFoundError:
+            flash_attn.__version__ = "0"
 
 
 def _patch_for_cpu():
