@@ -29,6 +29,7 @@ from common import (add_folder_args, build_text_encoder, build_transformer, buil
                     json_document, log, scheduler_for)
 
 PROMPT = "a red fox running through fresh snow, cinematic"
+DECODE_TILED = {"auto": None, "tiled": True, "plain": False}
 
 
 def build_folder(name: str, root: Path, tiny: bool, device: str) -> Path:
@@ -138,11 +139,12 @@ def pool_jobs(folder: Path, devices: str, layouts: list[str], args, size, out_ro
                 latents = pool.generate(spec, request, layout=layout, on_event=on_event)
                 sample = time.perf_counter() - t
                 t = time.perf_counter()
-                video = pool.decode(spec, latents, frames=frames, tiled=args.decode == "tiled")
+                video = pool.decode(spec, latents, frames=frames, tiled=DECODE_TILED[args.decode])
                 decode = time.perf_counter() - t
                 del video
                 return dict(whole_s=round(sample + decode, 2), sample_s=round(sample, 2), decode_s=round(decode, 2),
-                            s_per_step=step_seconds(stamps, args.warmup)), latents
+                            s_per_step=step_seconds(stamps, args.warmup),
+                            decode_choice=pool.status().get("last_decode")), latents
 
             try:
                 row["first_short_job"], _ = job(args.cold_steps)
@@ -174,7 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--cold-steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--attention", default="auto")
-    p.add_argument("--decode", default="tiled", choices=("tiled", "plain"))
+    p.add_argument("--decode", default="auto", choices=tuple(DECODE_TILED),
+                   help="auto: the pool's own choice (the default users get); tiled / plain force one")
     add_folder_args(p)
     args = p.parse_args(argv)
     from common import model_spec

@@ -10,6 +10,8 @@ CogVideoXPipeline exactly as xfuser's own ``xFuserCogVideoXPipeline.from_pretrai
 engine_config)``) but without writing ~20 GB of random weights to disk and reading them back, and times
 denoising steps with CUDA events at step boundaries, from prompt embeddings (T5 and VAE are the same diffusers
 modules as in the suite, timed there). With one GPU xfuser takes its "naive" path (the plain diffusers forward).
+``--whole-job DIR`` instead loads saved folders the way xfuser's example script does and times whole jobs
+(prompt -> T5 -> steps -> decode), cold (first job, with xfuser's compile under ``--compile``) and warm.
 """
 
 from __future__ import annotations
@@ -38,7 +40,12 @@ def main(argv=None):
     p.add_argument("--ulysses", type=int, default=1)
     p.add_argument("--ring", type=int, default=1)
     p.add_argument("--cfg", action="store_true", help="--use_cfg_parallel")
+    p.add_argument("--compile", action="store_true", help="--use_torch_compile (xfuser compiles the whole forward)")
     p.add_argument("--attention-backend", default=None, help="xfuser AttentionBackendType name, e.g. CUDNN")
+    p.add_argument("--whole-job", metavar="MODELS_DIR", default=None,
+                   help="instead of per-step timing: load MODELS_DIR/<model> (a diffusers folder, e.g. pool_bench's) "
+                        "as xfuser's example script does and time two whole jobs (prompt -> T5 -> steps -> decode)")
+    p.add_argument("--job-steps", type=int, default=50)
     p.add_argument("--budget", type=float, default=300)
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--device", default="cuda")
@@ -47,7 +54,8 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    out: dict = {"layout": dict(world=world, ulysses=args.ulysses, ring=args.ring, cfg=2 if args.cfg else 1),
+    out: dict = {"layout": dict(world=world, ulysses=args.ulysses, ring=args.ring, cfg=2 if args.cfg else 1,
+                                compile=args.compile),
                  "models": {}}
 
     def save():
@@ -62,6 +70,7 @@ def main(argv=None):
 
         out["xfuser"] = version("xfuser")
         from diffusers import CogVideoXPipeline
+        _flash_attn_version_for_xfuser()
         from xfuser import xFuserArgs, xFuserCogVideoXPipeline
         from xfuser.core.distributed import get_runtime_state
     except Exception as error:  # noqa: BLE001
@@ -84,13 +93,25 @@ def main(argv=None):
             continue
         frames, height, width = model_spec(name, args.tiny)["size"]
         steps = int(steps_table.get(name, 6)) if not args.tiny else 3
+        if args.whole_job:
+            folder = Path(args.whole_job) / (f"tiny-{name}" if args.tiny else name)
+            if first:  # xfuser's runtime is set up once per process, by the first create_config
+                engine_config, _ = xFuserArgs(model=str(folder), height=height, width=width, num_frames=frames,
+                                              num_inference_steps=args.job_steps, warmup_steps=0,
+                                              ulysses_degree=args.ulysses, ring_degree=args.ring,
+                                              use_cfg_parallel=args.cfg, use_torch_compile=args.compile).create_config()
+                first = False
+            out["models"][name] = whole_jobs(folder, (frames, height, width), engine_config, args, device, dtype, world)
+            log(f"xfuser {name} whole jobs: {out['models'][name]}")
+            save()
+            continue
         try:
             transformer = build_transformer(name, device, dtype, tiny=args.tiny)
             pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
                                      scheduler=scheduler_for(transformer))
             kwargs = dict(model="random-weights-in-memory", height=height, width=width, num_frames=frames,
                           num_inference_steps=steps, warmup_steps=0, ulysses_degree=args.ulysses,
-                          ring_degree=args.ring, use_cfg_parallel=args.cfg)
+                          ring_degree=args.ring, use_cfg_parallel=args.cfg, use_torch_compile=args.compile)
             if args.attention_backend:
                 kwargs["attention_backend"] = args.attention_backend
             if first:
@@ -142,6 +163,55 @@ def main(argv=None):
     except Exception:  # noqa: BLE001
         pass
     return 0
+
+
+def whole_jobs(folder: Path, size: tuple, engine_config, args, device: torch.device, dtype: torch.dtype,
+               world: int) -> dict:
+    """xfuser as its examples/cogvideox_example.py runs (from_pretrained, .to(device), pipe(prompt=...)): load, then
+    two whole jobs on the wall clock, the first paying xfuser's compile when ``--compile`` is on."""
+    from xfuser import xFuserCogVideoXPipeline
+
+    from pool_bench import PROMPT
+
+    if not (folder / "model_index.json").exists():
+        return {"error": f"no diffusers folder at {folder} (pool_bench.build_folder writes one)"}
+    frames, height, width = size
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    try:
+        t = time.perf_counter()
+        xpipe = xFuserCogVideoXPipeline.from_pretrained(str(folder), engine_config=engine_config, torch_dtype=dtype)
+        xpipe = xpipe.to(device)
+        sync()
+        row: dict = {"load_s": round(time.perf_counter() - t, 2), "steps": args.job_steps, "world": world}
+        for job in ("first_job", "second_job"):
+            t = time.perf_counter()
+            video = xpipe(prompt=PROMPT, height=height, width=width, num_frames=frames,
+                          num_inference_steps=args.job_steps, guidance_scale=6.0,
+                          generator=torch.Generator("cpu").manual_seed(42), output_type="pt").frames
+            sync()
+            row[f"{job}_s"] = round(time.perf_counter() - t, 2)
+            row["frames_shape"] = list(video.shape) if video is not None else None
+        row["first_job_with_load_s"] = round(row["load_s"] + row["first_job_s"], 2)
+        return row
+    except Exception as error:  # noqa: BLE001
+        return {"error": f"{type(error).__name__}: {error}"[:600], "traceback": traceback.format_exc()[-3000:]}
+
+
+def _flash_attn_version_for_xfuser() -> None:
+    """xfuser 0.7.0's --use_torch_compile reads ``flash_attn.__version__`` whenever a ``flash_attn`` module is
+    loaded; flash-attn-4's namespace package has none (AttributeError). Give it the installed distribution's."""
+    import importlib.util
+    from importlib.metadata import PackageNotFoundError, version
+
+    if importlib.util.find_spec("flash_attn") is None:
+        return
+    import flash_attn
+
+    if not hasattr(flash_attn, "__version__"):
+        try:
+            flash_attn.__version__ = version("flash-attn-4")
+        except PackageNotFoundError:
+            flash_attn.__version__ = "0"
 
 
 def _patch_for_cpu():
