@@ -398,13 +398,14 @@ class Optimizer:
         """Run the first block's pre or post with synchronised clocks around it (and the attention between)."""
         from . import compile_cache as cc
 
-        started = self._now(args[1])
+        like = args[1] if part == "pre" else args[2]  # post's args[1] may be the Ulysses output pair
+        started = self._now(like)
         if part == "pre":
             self._timing = {"counters": cc.cache_counters(), "seconds": cc.compile_seconds()}
         else:
             self._timing["attention_s"] = round(started - self._timing.pop("pre_end"), 4)
         out = self._call(compiled, eager, args) if compiled is not None else eager(*args)
-        ended = self._now(args[1])
+        ended = self._now(like)
         self._timing[f"{part}_s"] = round(ended - started, 4)
         if part == "pre":
             self._timing["pre_end"] = ended

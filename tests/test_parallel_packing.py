@@ -103,9 +103,12 @@ def _compiled_layouts(rank, path, layouts):
         groups = ParallelGroups.create(layout)
         if groups is None:
             continue
-        engine = CogVideoEngine(str(path), dtype="fp32", groups=groups, optimize="fuse,compile")
+        engine = CogVideoEngine(str(path), dtype="fp32", groups=groups, optimize="fuse,compile=always")
         latents = engine.generate(GenerationRequest(**REQUEST))
         assert engine.optimizer.compiled, "the compiled blocks fell back to eager"
+        report = engine.optimizer.compile_report()  # the first block ran timed: pre, attention, post
+        assert report["why"].startswith("compiled: ") and report["first_block"]["step"] == 0, (layout, report)
+        assert {"pre_s", "attention_s", "post_s", "cache"} <= set(report["first_block"]), (layout, report)
         if groups.is_leader:
             results[str(layout)] = latents.numpy()
     return results
@@ -114,12 +117,15 @@ def _compiled_layouts(rank, path, layouts):
 @pytest.mark.timeout(900)
 def test_compiled_blocks_pack_for_ulysses_and_ring(tiny_path):
     """The pre-attention graph emits the packed send layout (RoPE'd q/k of the 5b twin), the post graph reorders
-    Ulysses' heads, ring2 sends k/v blocks of the joint buffer; ring3 pads 16 video tokens to 18."""
+    Ulysses' heads (one row per rank under cfg2 x ulysses2), ring2 sends k/v blocks of the joint buffer; ring3
+    pads 16 video tokens to 18. Compiled from the first job (policy always, as the benchmarks run it), so the
+    first block's timing runs around the compiled pre graph, the collectives and the post graph that takes
+    Ulysses' output pair."""
     path = tiny_path("5b")
     reference = CogVideoEngine(str(path), dtype="fp32", optimize="none").generate(GenerationRequest(**REQUEST))
-    layouts = [Layout(1, 2), Layout(1, 1, 2), Layout(1, 1, 3)]
+    layouts = [Layout(1, 2), Layout(1, 1, 2), Layout(1, 1, 3), Layout(2, 2)]
     merged = {}
-    for part in run_world(3, _compiled_layouts, path, layouts):
+    for part in run_world(4, _compiled_layouts, path, layouts):
         merged.update(part)
     for layout in layouts:
         got = torch.from_numpy(merged[str(layout)])
