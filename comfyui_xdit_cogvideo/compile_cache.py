@@ -60,6 +60,8 @@ def tensor_spec(value) -> object:
                 "device": value.device.type, "offset": value.storage_offset()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, tuple) and value and all(isinstance(v, torch.Tensor) for v in value):
+        return {"tuple": [tensor_spec(v) for v in value]}  # Ulysses' attention output (text, video) into post
     return f"<{type(value).__name__}>"
 
 
@@ -293,8 +295,14 @@ def _tensor(spec: dict, device: torch.device) -> torch.Tensor:
     return storage.as_strided(spec["shape"], spec["stride"], spec["offset"])
 
 
+def _arg(spec, device: torch.device):
+    if isinstance(spec, dict) and "tuple" in spec:
+        return tuple(_tensor(s, device) for s in spec["tuple"])
+    return _tensor(spec, device) if isinstance(spec, dict) else spec
+
+
 def _args(specs: list, device: torch.device) -> list:
-    return [_tensor(s, device) if isinstance(s, dict) else s for s in specs]
+    return [_arg(s, device) for s in specs]
 
 
 @torch.no_grad()

@@ -435,7 +435,7 @@ class Optimizer:
 
         from . import compile_cache as cc
 
-        key, block, x = self._key, post_args[0], post_args[1]
+        key, block, x = self._key, post_args[0], post_args[2]  # hidden_states; [1] may be Ulysses' output pair
         running = self.warmups.get(key)
         if running is not None and running.poll() == "running":
             self.report["warmup"] = running

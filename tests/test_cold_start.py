@@ -211,3 +211,43 @@ def test_pool_status_names_where_the_time_went(tiny_path, monkeypatch):
         assert pool.status()["last_job"]["loaded"] is False
     finally:
         pool.shutdown()
+
+
+def _ulysses_warm_up_then_cache_hit(rank, model):
+    from comfyui_xdit_cogvideo import Layout
+    from comfyui_xdit_cogvideo.parallel import ParallelGroups
+
+    import torch.distributed as dist
+
+    engine = CogVideoEngine(str(model), dtype="fp32", groups=ParallelGroups.create(Layout(1, 2)),
+                            optimize="fuse,compile,contiguous_v")
+    request = GenerationRequest(**dict(REQUEST, steps=2))
+    eager = engine.generate(request)
+    first = engine.optimizer.compile_report()
+    states = {key: w.wait(600) for key, w in engine.optimizer.warmups.items()}  # one rank warms, the other waits
+    dist.barrier()
+    compiled = engine.generate(request)
+    return {"first": first, "states": states, "second": engine.optimizer.compile_report(),
+            "rel": _rel(compiled, eager)}
+
+
+@pytest.mark.timeout(900)
+def test_ulysses_warm_up_then_cache_hit(tiny_path, tmp_path, monkeypatch):
+    """Policy auto on ulysses2: the first job runs eager and its warm-up compiles the post graph for Ulysses'
+    output pair (text and video heads, rank-major) from the recorded specs; the next job on both ranks compiles
+    from that cache, with nothing missed. (Each rank's key may differ: its RoPE slice has its own storage offset.)"""
+    from distributed import run_world
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    # the ranks run one thread (tests/distributed.py) and Inductor's CPU code depends on it: the warm-up child
+    # inherits the count through OMP_NUM_THREADS, as pool workers' children do (pool.launch sets it)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    results = run_world(2, _ulysses_warm_up_then_cache_hit, tiny_path("5b"))
+    states = [state for r in results for state in r["states"].values()]
+    assert "done" in states and set(states) <= {"done", "elsewhere"}, results
+    for r in results:
+        assert r["first"]["why"] == "eager: first run of this shape, compiling for next time", r
+        assert r["second"]["why"] == "compiled: cache hit", r
+        cache = r["second"]["first_block"]["cache"]
+        assert cache["fx_hit"] >= 2 and cache["fx_miss"] == 0 and cache["aot_miss"] == 0, cache
+        assert r["rel"] < 1e-5, r
