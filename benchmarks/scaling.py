@@ -12,9 +12,9 @@ tensors where a collective would deliver data), and models the collectives analy
   Ring, per layer: (r-1) exchanges of a K,V block (2 D per token of the block).
   CFG: one all-gather of the (tiny) output per step.
   time = bytes / bandwidth + latency per collective; bandwidth 250 GB/s per rank (two H200s over NVLink,
-  DESIGN.md), latency 30 us (assumed). Ulysses collectives are not overlapped with compute in our code; Ring's
-  p2p is overlapped with the block attention (yunchang's send/recv), so both a no-overlap (conservative) and an
-  overlapped estimate are given.
+  DESIGN.md), latency 30 us (assumed). Ulysses collectives are modelled without overlap (the code overlaps one
+  CFG row's all-to-all with the other row's attention, so this is conservative); Ring's p2p is overlapped with
+  the block attention, so both a no-overlap (conservative) and an overlapped estimate are given.
 The blocks run eager here (each layout's shapes would need their own compile), and the simulation runs a
 little slower than the real pipeline on one GPU (stand-in inputs, no overlap with the scheduler), so only ratios
 are used: a rank's step = (measured single-GPU step - U) x blocks(layout) / blocks(1 GPU) + U + communication,
@@ -78,7 +78,9 @@ def comm_seconds(layout, config: dict, video: int, bandwidth: float = BANDWIDTH,
 
 
 class _SimContext:
-    """Stands in for ParallelContext: the rank's attention kernel calls on stand-in tensors of the rank's shapes."""
+    """Stands in for ParallelContext: the rank's attention kernel calls on stand-in tensors of the rank's shapes.
+    It takes what the block forward hands ParallelContext.attention (``pack_qkv``'s tuple on sequence-parallel
+    layouts: the packing runs for real in the block) and returns what ``joint_heads`` reads."""
 
     def __init__(self, layout, kernel, heads, head_dim, rows, video, device, dtype):
         from comfyui_xdit_cogvideo.parallel.kernels import KERNELS
@@ -93,16 +95,24 @@ class _SimContext:
                                  generator=g)
         self.keys = torch.randn(rows, TEXT_LEN + video, hq, head_dim, device=device, dtype=dtype, generator=g)
         self.values = torch.randn_like(self.keys)
+        # Ulysses' way back lands rank-major: text [B, U, T, h, D], video [B, U, C, h, D] (its values are not used)
+        self.back = (torch.zeros(rows, u, TEXT_LEN, hq, head_dim, device=device, dtype=dtype),
+                     torch.zeros(rows, u, self.chunk, hq, head_dim, device=device, dtype=dtype))
         self.attention_s = []
 
-    def attention(self, q, k, v, text_len):
+    @property
+    def packing(self) -> int | None:
+        """As ParallelContext.packing: the Ulysses degree with sequence parallelism, else None."""
+        _, u, r = self.layout
+        return u if u * r > 1 else None
+
+    def attention(self, packed: tuple, text_len: int):
         from yunchang.ring.utils import update_out_and_lse
 
         cfg, u, r = self.layout
-        if u == 1 and r == 1:
+        if self.packing is None:
+            q, k, v = packed
             return self.kernel(q, k, v, False)[0]
-        if u > 1:  # the packing copy before the all-to-all (the all-to-all itself is modelled)
-            torch.cat([q[:, text_len:], k[:, text_len:], v[:, text_len:]], dim=-1)
         if r == 1:
             self.kernel(self.query, self.keys, self.values, False)
         else:
@@ -115,7 +125,7 @@ class _SimContext:
                 if stop > lo:
                     o, l = self.kernel(self.query, self.keys[:, lo:stop], self.values[:, lo:stop], True)
                     out, lse = update_out_and_lse(out, lse, o, l)
-        return q  # stands in for the rank's output (same shape as its q); its values are not used
+        return self.back if u > 1 else packed[0]  # Ring: the rank's q [B, T + C, H, D] stands in for its output
 
 
 class _SimProcessor:
@@ -185,7 +195,9 @@ def run_scaling(bench, R, bandwidth: float = BANDWIDTH):
     if engine is None or engine.optimizer is None:
         from comfyui_xdit_cogvideo import CogVideoEngine
 
-        engine = CogVideoEngine.from_components(transformer, attention="auto", optimize="auto")
+        # the block forward that takes a stand-in context is the optimizer's ("auto" turns nothing on on a CPU)
+        engine = CogVideoEngine.from_components(transformer, attention="auto",
+                                                optimize="auto" if torch.device(device).type == "cuda" else "fuse")
     kernel = engine.attention
     opt = engine.optimizer
     best = (bench.results.get("ours-default") or bench.results.get("ours-fa4-compiled")

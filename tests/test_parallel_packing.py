@@ -131,3 +131,30 @@ def test_compiled_blocks_pack_for_ulysses_and_ring(tiny_path):
         got = torch.from_numpy(merged[str(layout)])
         err = ((got - reference).abs().max() / reference.abs().max()).item()
         assert err < 1e-4, f"{layout}: {err:.2e}"
+
+
+@pytest.mark.timeout(300)
+def test_scaling_simulation_runs_the_packed_blocks(tmp_path, tiny_cache):
+    """benchmarks/scaling.py stands in for ParallelContext: it must take what the block forward hands the
+    attention (``pack_qkv``'s tuple on sequence-parallel layouts) and give back what ``joint_heads`` reads
+    (Ulysses' rank-major pair). Runs the suite's --scaling task on the tiny 2b (CPU)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "suite.json"
+    env = dict(os.environ, XDIT_COGVIDEO_CACHE=str(tiny_cache), PYTHONPATH=str(root))
+    result = subprocess.run([sys.executable, "benchmarks/suite.py", "--tiny", "--device", "cpu", "--tasks", "2b",
+                             "--variants", "2b=ours-default", "--scaling", "2b", "--profile", "", "--decode", "",
+                             "--decode-tiled", "", "--xfuser", "", "--out", str(out)],
+                            cwd=root, env=env, capture_output=True, text=True, timeout=280)
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = json.loads(out.read_text())["models"]["2b"]
+    assert "scaling_error" not in model, model["scaling_error"]
+    layouts = {row["layout"]: row for row in model["scaling"]["layouts"]}
+    for name in ("cfg1 x ulysses2 x ring1", "cfg1 x ulysses1 x ring2", "cfg2 x ulysses2 x ring1",
+                 "cfg1 x ulysses2 x ring2"):
+        assert layouts[name]["blocks_eager_s"] > 0, layouts
