@@ -440,8 +440,10 @@ class Optimizer:
         if running is not None and running.poll() == "running":
             self.report["warmup"] = running
             return
+        # inside the forward, FSDP's gathered weights are plain Parameters too: ask the transformer if it is sharded
+        sharded = getattr(self.transformer, "_xdit_shard_group", None) is not None
         plain = all(type(p) is nn.Parameter and p.device == x.device for p in block.parameters())
-        if not plain or getattr(block, "_diffusers_hook", None) is not None:
+        if sharded or not plain or getattr(block, "_diffusers_hook", None) is not None:
             self.report["why"] += " -- not possible here: the weights are sharded or offloaded"
             return
         if x.is_cuda and torch.cuda.mem_get_info(x.device)[0] < cc.WARM_MIN_FREE_BYTES:
@@ -480,6 +482,8 @@ def compile_key_of(transformer, options: OptimizeOptions, pre_spec: list, device
 
     graph_options = {k: getattr(options, k) for k in ("fuse_qkv", "compile_mode", "contiguous_v", "gelu_epilogue",
                                                       "fp8")}
+    if getattr(transformer, "_xdit_shard_group", None) is not None:  # FSDP's gathered weights: other graphs
+        graph_options["fsdp_shards"] = transformer._xdit_shard_size
     return cc.compile_key(cc.model_config(transformer), graph_options, pre_spec, device)
 
 

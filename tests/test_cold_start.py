@@ -251,3 +251,36 @@ def test_ulysses_warm_up_then_cache_hit(tiny_path, tmp_path, monkeypatch):
         cache = r["second"]["first_block"]["cache"]
         assert cache["fx_hit"] >= 2 and cache["fx_miss"] == 0 and cache["aot_miss"] == 0, cache
         assert r["rel"] < 1e-5, r
+
+
+def _sharded_policy(rank, model):
+    from comfyui_xdit_cogvideo import Layout
+    from comfyui_xdit_cogvideo.parallel import ParallelGroups
+
+    cc.Warmup = _FakeWarmup  # this spawned rank's own module state
+    groups = ParallelGroups.create(Layout(1, 2))
+    request = GenerationRequest(**dict(REQUEST, steps=1))
+    plain = CogVideoEngine(str(model), dtype="fp32", groups=groups, optimize="fuse,compile,contiguous_v")
+    plain.generate(request)
+    plain_report = plain.optimizer.compile_report()
+    cc.mark_compiled(plain_report["key"], {"by": "this test"})  # as if the warm-up had finished
+    sharded = CogVideoEngine(str(model), dtype="fp32", groups=groups, memory="low",
+                             optimize="fuse,compile,contiguous_v")
+    sharded.generate(request)
+    return {"plain": plain_report, "sharded": sharded.optimizer.compile_report(),
+            "warmups": [w.key for w in _FakeWarmup.started]}
+
+
+@pytest.mark.timeout(300)
+def test_sharded_weights_get_their_own_key_and_no_warm_up(tiny_path, tmp_path, monkeypatch):
+    """FSDP-sharded blocks (memory plan low) compile other graphs than whole ones: a warm-up (whole weights) cannot
+    fill their cache, so none is started, and a marker left by whole weights is no cache hit for them (it would
+    make the job compile cold inline while saying 'cache hit')."""
+    from distributed import run_world
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    for r in run_world(2, _sharded_policy, tiny_path("5b")):
+        assert r["warmups"] == [r["plain"]["key"]], r
+        assert r["sharded"]["key"] != r["plain"]["key"], r
+        assert r["sharded"]["why"] == ("eager: first run of this shape, compiling for next time -- not possible here: "
+                                       "the weights are sharded or offloaded"), r
