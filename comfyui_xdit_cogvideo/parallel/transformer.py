@@ -76,7 +76,9 @@ def _parallel_forward(
     context.shard = shard
     hidden_states = shard.local(hidden_states, groups.seq_idx)
     if image_rotary_emb is not None:
-        image_rotary_emb = tuple(shard.local(t, groups.seq_idx, dim=0) for t in image_rotary_emb)
+        # copied: every rank's slice then has the same strides and storage offset (0), so all ranks share one
+        # compile key and one compiled graph (a [chunk, head_dim] copy per transformer call)
+        image_rotary_emb = tuple(shard.local(t, groups.seq_idx, dim=0).clone() for t in image_rotary_emb)
 
     for block in self.transformer_blocks:
         hidden_states, encoder_hidden_states = block(
