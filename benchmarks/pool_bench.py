@@ -95,9 +95,9 @@ def diffusers_job(folder: Path, args, size) -> dict:
         sync()
         decode = time.perf_counter() - t
         # what a user gets from the pipeline: CogVideoXPipeline(output_type="np") float frames on the CPU
-        frames = pipe.video_processor.postprocess_video(video=video, output_type="np")
+        cpu_frames = pipe.video_processor.postprocess_video(video=video, output_type="np")
         decode_frames = time.perf_counter() - t
-        del video, frames
+        del video, cpu_frames
         return dict(whole_s=round(sample + decode, 2), whole_frames_s=round(sample + decode_frames, 2),
                     sample_s=round(sample, 2), decode_s=round(decode, 2), decode_frames_s=round(decode_frames, 2),
                     s_per_step=step_seconds(stamps, args.warmup)), latents.cpu()
