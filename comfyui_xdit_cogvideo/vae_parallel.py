@@ -368,11 +368,11 @@ def video_rows(video: torch.Tensor) -> torch.Tensor:
 def frames_of(rows: torch.Tensor) -> torch.Tensor:
     """``video_rows`` output -> frames [F, H, W, 3] float32 in 0..1 (ComfyUI IMAGE rows): ``(x.float() / 2 + 0.5)
     .clamp(0, 1)``, the same IEEE operations wherever they run (float conversion and halving are exact, the addition
-    rounds once), done one frame at a time in place, so no video-sized temporaries are made."""
+    rounds once), in place in the output: no video-sized temporaries. Whole-video operations, not one frame at a time:
+    on a busy 2-core machine 196 small parallel regions took 2.7 s against 0.43 s for these 4 (1 thread: equal)."""
     out = torch.empty(rows.shape, dtype=torch.float32)
-    for source, frame in zip(rows, out):
-        frame.copy_(source).div_(2).add_(0.5).clamp_(0, 1)
-    return out
+    out.copy_(rows)
+    return out.div_(2).add_(0.5).clamp_(0, 1)
 
 
 def to_frames(video: torch.Tensor) -> torch.Tensor:
