@@ -6,11 +6,15 @@
 Each model is a decode-only diffusers folder (``transformer/config.json`` and a random VAE of the published size;
 ``--models-dir``, reused between runs), decoding random latents of the model's default size (49 x 480 x 720: 13
 latent frames of 60 x 90). Plain diffusers first, on the first device: ``vae.decode`` untiled and tiled (one warm-up
-each, then ``--repeats`` timed decodes, median; peak memory). Then per pool (``;``-separated devices as get_pool
+each, then ``--repeats`` timed decodes, median; peak memory; ``untiled_frames``: untiled up to float frames on the CPU,
+as ``CogVideoXPipeline(output_type="np")`` returns them, which is what ``pool.decode`` returns). ``host``: what the pool
+adds after the VAE, measured in this process: the decoded video in the VAE's dtype through a loopback pool channel,
+and the float frames made from it. Then per pool (``;``-separated devices as get_pool
 takes them): ``pool.decode`` with ``tiled=False`` (untiled on rank 0), ``tiled=True`` (tiles over every rank) and
 ``tiled=None`` (automatic, with the choice it reports), the same way, wall clock in the caller. The automatic decode is
 compared with the explicit mode it picked (expect max_abs 0) and the pool's untiled decode with diffusers' (expect
-bf16 rounding at most). What it answers: from how many ranks tiling beats one untiled decode
+max_abs 0 where the worker picks the same kernels: the pool makes the float frames from the bf16 video with the
+same exact operations; bf16 rounding at most otherwise). What it answers: from how many ranks tiling beats one untiled decode
 (``vae_parallel.TILED_DECODE_MIN_RANKS``, 3 predicted from the 1- and 2-rank measurements).
 """
 
@@ -70,11 +74,21 @@ def diffusers_decodes(folder: Path, latents: torch.Tensor, args) -> tuple[dict, 
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     vae = AutoencoderKLCogVideoX.from_pretrained(folder / "vae", torch_dtype=dtype).to(device).eval()
     z = latents.to(device, dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+    from diffusers.video_processor import VideoProcessor
+
+    processor = VideoProcessor(vae_scale_factor=8)  # as CogVideoXPipeline makes it
+
+    def frames():  # what CogVideoXPipeline(output_type="np") returns: float frames on the CPU
+        return processor.postprocess_video(video=vae.decode(z).sample, output_type="np")
+
     rows, untiled = {}, None
-    for mode in ("untiled", "tiled"):
+    for mode in ("untiled", "untiled_frames", "tiled"):
         vae.enable_tiling() if mode == "tiled" else vae.disable_tiling()
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        if mode == "untiled_frames":
+            rows[mode], _ = timed(frames, args.repeats, args.device)
+            continue
         rows[mode], video = timed(lambda: vae.decode(z).sample, args.repeats, args.device)
         if args.device == "cuda":
             rows[mode]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2 ** 30, 2)
@@ -85,6 +99,43 @@ def diffusers_decodes(folder: Path, latents: torch.Tensor, args) -> tuple[dict, 
     if args.device == "cuda":
         torch.cuda.empty_cache()
     return rows, untiled
+
+
+def host_costs(shape: tuple, dtype: torch.dtype, repeats: int) -> dict:
+    """What ``pool.decode`` adds on the host after the VAE: rank 0's output ([F, H, W, 3] in the VAE's dtype) over a
+    loopback pool channel (HMAC-SHA256 both ends) and the float frames made from it in the caller (median s)."""
+    import threading
+
+    from comfyui_xdit_cogvideo.pool.channel import Channel, free_port, listen
+    from comfyui_xdit_cogvideo.vae_parallel import frames_of
+
+    key = b"k" * 32
+    server = listen("127.0.0.1", free_port())
+    ends = {}
+    thread = threading.Thread(target=lambda: ends.update(a=Channel.accept(server.accept()[0], key)))
+    thread.start()
+    ends["b"] = Channel.connect(*server.getsockname(), key)
+    thread.join()
+    server.close()
+    rows = torch.rand(shape, generator=torch.Generator().manual_seed(0)).mul(2).sub(1).to(dtype)
+    transfer, convert = [], []
+    try:
+        for _ in range(repeats + 1):
+            sender = threading.Thread(target=ends["b"].send, args=({"op": "result", "value": rows},))
+            t = time.perf_counter()
+            sender.start()
+            got = ends["a"].recv(timeout=120)["value"]
+            sender.join()
+            transfer.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            frames_of(got)
+            convert.append(time.perf_counter() - t)
+    finally:
+        ends["a"].close()
+        ends["b"].close()
+    return {"bytes": rows.numel() * rows.element_size(), "dtype": str(dtype).removeprefix("torch."),
+            "channel_s": round(statistics.median(transfer[1:]), 3),
+            "frames_of_s": round(statistics.median(convert[1:]), 3), "threads": torch.get_num_threads()}
 
 
 def pool_decodes(folder: Path, devices: str, latents: torch.Tensor, frames: int, args, reference) -> dict:
@@ -146,6 +197,9 @@ def main(argv=None) -> None:
             res["diffusers"], reference = diffusers_decodes(folder, latents, args)
             log(f"{name} diffusers: {json.dumps(res['diffusers'])}")
             save()
+        res["host"] = host_costs((frames, height, width, 3), torch.bfloat16 if args.device == "cuda" else torch.float32,
+                                 args.repeats)
+        log(f"{name} host: {json.dumps(res['host'])}")
         for devices in [d for d in args.pools.split(";") if d]:
             res.setdefault("pools", {})[devices] = pool_decodes(folder, devices, latents, frames, args, reference)
             log(f"{name} pool {devices}: {json.dumps(res['pools'][devices])[:600]}")

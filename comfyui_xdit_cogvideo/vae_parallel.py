@@ -356,13 +356,32 @@ def prepare_latents(vae, latents: torch.Tensor, frames: int | None = None) -> to
     return latents[:1].to(device, vae.dtype).permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
 
 
+def video_rows(video: torch.Tensor) -> torch.Tensor:
+    """VAE output [1, 3, F, H, W] -> [F, H, W, 3] in the VAE's dtype, contiguous, on the CPU.
+
+    What a pool worker sends: in bf16 half the bytes of float frames, and the transpose already done where the
+    video is (cheap on a GPU). ``frames_of`` makes the frames from it.
+    """
+    return video[0].permute(1, 2, 3, 0).contiguous().cpu()
+
+
+def frames_of(rows: torch.Tensor) -> torch.Tensor:
+    """``video_rows`` output -> frames [F, H, W, 3] float32 in 0..1 (ComfyUI IMAGE rows): ``(x.float() / 2 + 0.5)
+    .clamp(0, 1)``, the same IEEE operations wherever they run (float conversion and halving are exact, the addition
+    rounds once), in place in the output: no video-sized temporaries. Whole-video operations, not one frame at a time:
+    on a busy 2-core machine 196 small parallel regions took 2.7 s against 0.43 s for these 4 (1 thread: equal)."""
+    out = torch.empty(rows.shape, dtype=torch.float32)
+    out.copy_(rows)
+    return out.div_(2).add_(0.5).clamp_(0, 1)
+
+
 def to_frames(video: torch.Tensor) -> torch.Tensor:
     """VAE output [1, 3, F, H, W] in -1..1 -> frames [F, H, W, 3] float 0..1 on the CPU (ComfyUI IMAGE rows)."""
-    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu()
+    return frames_of(video_rows(video))
 
 
 @torch.no_grad()
-def decode_latents(
+def decode_rows(
     vae,
     latents: torch.Tensor,
     frames: int | None = None,
@@ -372,7 +391,8 @@ def decode_latents(
     on_progress: Callable[[int, int], None] | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> torch.Tensor | None:
-    """Frames [F, H, W, 3] in 0..1 from pipeline latents, on the group's first rank (``None`` elsewhere).
+    """``decode_latents`` up to ``video_rows``: [F, H, W, 3] in the VAE's dtype on the group's first rank (what a pool
+    worker sends; the caller makes the frames with ``frames_of``), ``None`` elsewhere.
 
     ``tiled=False`` is the plain decode, run on the first rank alone (the fastest choice on one GPU with enough
     memory). ``tiled=True`` spreads the tiles over ``group`` (all ranks must call).
@@ -386,4 +406,20 @@ def decode_latents(
         video = _plain(vae, z) if me == 0 else None
         if on_progress is not None:
             on_progress(1, 1)
-    return None if video is None else to_frames(video)
+    return None if video is None else video_rows(video)
+
+
+def decode_latents(
+    vae,
+    latents: torch.Tensor,
+    frames: int | None = None,
+    tiled: bool = True,
+    tiling: Tiling | None = None,
+    group: "dist.ProcessGroup | None" = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> torch.Tensor | None:
+    """Frames [F, H, W, 3] in 0..1 from pipeline latents, on the group's first rank (``None`` elsewhere); see
+    ``decode_rows``."""
+    rows = decode_rows(vae, latents, frames, tiled, tiling, group, on_progress, should_cancel)
+    return None if rows is None else frames_of(rows)

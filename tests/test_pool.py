@@ -325,6 +325,23 @@ def test_automatic_decode_equals_the_mode_it_picked_and_says_why(pool, engine, m
         pool.decode(SPEC, latents, frames=9, tiled="yes")
 
 
+def test_decode_makes_the_frames_from_what_rank_0_sends(tiny_cache, monkeypatch):
+    """Issue 17: rank 0 sends the VAE's output [F, H, W, 3] in the VAE's dtype (bf16 on GPUs: half the bytes of float
+    frames) and ``pool.decode`` makes the float frames in the caller, exactly as the former path made them on rank 0;
+    anything else from rank 0 is an error, never a wrong video."""
+    pool = WorkerPool("cpu:1", echo_output=False)
+    video = (torch.randn(1, 3, 5, 16, 24, generator=torch.Generator().manual_seed(4)) * 1.2).to(torch.bfloat16)
+    sent = video[0].permute(1, 2, 3, 0).contiguous()
+    monkeypatch.setattr(pool, "_run", lambda *args, **kwargs: sent)
+    latents = torch.zeros(1, 2, 4, 2, 3)
+    frames = pool.decode(SPEC, latents, frames=5)
+    assert frames.dtype == torch.float32 and frames.shape == (5, 16, 24, 3)
+    assert torch.equal(frames, (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0))
+    monkeypatch.setattr(pool, "_run", lambda *args, **kwargs: None)
+    with pytest.raises(PoolError, match="rank 0 sent no decoded video"):
+        pool.decode(SPEC, latents, frames=5)
+
+
 def test_an_error_on_every_rank_keeps_the_pool(pool, tiny_path, tmp_path):
     """Weights that only fail when loaded: every rank reports the error, no rank is stuck, nothing restarts."""
     import shutil

@@ -88,6 +88,52 @@ def test_frames_are_authenticated_in_order_and_their_headers_checked():
         FrameReader(key).feed(forged([("complex64", (1,), 8)], bytes(8)))
 
 
+def test_large_tensors_arrive_in_one_buffer_hashed_on_the_way_and_checked():
+    """Issue 17: a decoded video (100-200 MB) costs the socket's copy and nothing more. The receiver reads the tensor
+    bytes straight into one buffer whose views are the message's tensors (an odd-sized tensor before a float one
+    gets an aligned copy); a byte changed in transit still fails the frame."""
+    a, b = channel_pair(KEY, KEY)
+    try:
+        video = torch.rand(9, 64, 96, 3, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)  # 324 KiB
+        mask = torch.tensor([True, False, True])
+        scale = torch.arange(5, dtype=torch.float32)
+        b.send({"op": "result", "video": video, "mask": mask, "scale": scale, "twice": [video, video[:1]]})
+        got = a.recv(timeout=30)
+        assert torch.equal(got["video"], video) and torch.equal(got["mask"], mask) and torch.equal(got["scale"], scale)
+        assert torch.equal(got["twice"][0], video) and torch.equal(got["twice"][1], video[:1])
+        assert got["video"].untyped_storage().data_ptr() == got["mask"].untyped_storage().data_ptr()  # one buffer
+        assert got["scale"].data_ptr() % 4 == 0 and got["video"].is_contiguous()
+        # a byte of the tensor bytes changed on the way (sent raw with the sender's own key and sequence number)
+        parts = encode_frame({"op": "result", "video": video}, b._key_out, b._send_seq)
+        raw = bytearray(b"".join(bytes(part) for part in parts))
+        raw[len(raw) // 2] ^= 1
+        b.sock.sendall(raw)
+        with pytest.raises(AuthError, match="tampered"):
+            a.recv(timeout=30)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_streamed_frame_is_the_encoded_frame_byte_for_byte():
+    """``Channel.send`` hashes and sends large tensors in pieces; the bytes on the wire are ``encode_frame``'s."""
+    a, b = channel_pair(KEY, KEY)
+    try:
+        message = {"op": "result", "value": torch.rand(3 << 20, generator=torch.Generator().manual_seed(2))}  # 12 MiB
+        expected = b"".join(bytes(part) for part in encode_frame(message, b._key_out, b._send_seq))
+        sender = threading.Thread(target=b.send, args=(message,))
+        sender.start()
+        a.sock.settimeout(30)
+        wire = bytearray()
+        while len(wire) < len(expected):
+            wire += a.sock.recv(1 << 20)
+        sender.join()
+        assert bytes(wire) == expected
+    finally:
+        a.close()
+        b.close()
+
+
 def _wait_listening(port: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -9,8 +9,8 @@ import torch
 import torch.distributed as dist
 
 from comfyui_xdit_cogvideo.engine import GenerationCancelled
-from comfyui_xdit_cogvideo.vae_parallel import (Tiling, decode_latents, default_tiling, tiled_decode, tiled_size,
-                                                to_frames)
+from comfyui_xdit_cogvideo.vae_parallel import (Tiling, decode_latents, decode_rows, default_tiling, frames_of,
+                                                tiled_decode, tiled_size, to_frames, video_rows)
 from distributed import run_world
 
 pytestmark = pytest.mark.timeout(300)
@@ -164,3 +164,38 @@ def test_untiled_decode_estimate_matches_the_measured_peak(tiny_path):
     assert decode_budget({"allocated": 40 * GIB, "reserved": 50 * GIB, "free": 80 * GIB, "total": 141 * GIB}) == \
         int(90 * GIB * 0.95) - GIB
     assert decode_budget({"rss": GIB}) is None and decode_budget(None) is None
+
+
+def _frames_before(video: torch.Tensor) -> torch.Tensor:
+    """The frames as the pool made them before issue 17's decode work: all arithmetic on the VAE's device."""
+    return (video[0].float() / 2 + 0.5).clamp(0, 1).permute(1, 2, 3, 0).cpu()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_frames_from_the_vae_dtype_are_bit_identical_for_every_value(dtype):
+    """Issue 17: workers send the VAE's output in its own dtype and the caller makes the float frames. Every one of
+    the 65,536 bf16 / fp16 bit patterns (NaN and infinities included) gives the frame value of the former path."""
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    video = torch.stack([every, every.roll(1), every.roll(2)]).reshape(1, 3, 4, 128, 128)  # [1, 3, F, H, W]
+    rows = video_rows(video)
+    assert rows.dtype == dtype and rows.shape == (4, 128, 128, 3) and rows.is_contiguous()
+    frames = frames_of(rows)
+    assert frames.dtype == torch.float32 and frames.is_contiguous()
+    assert torch.equal(frames.nan_to_num(-7), _frames_before(video).nan_to_num(-7))
+
+
+def test_frames_from_float32_are_bit_identical():
+    values = torch.randn(1, 3, 5, 16, 24, generator=torch.Generator().manual_seed(1)) * 1.5
+    values[0, 0, 0, 0, :8] = torch.tensor([-1.0, 1.0, 0.0, -0.0, 1e-40, -1e-40, 3e38, float("inf")])
+    assert torch.equal(to_frames(values), _frames_before(values))
+
+
+def test_decode_rows_are_the_vae_output_in_its_dtype(vae, latents):
+    """What a pool worker sends: [F, H, W, 3] in the VAE's dtype, whose frames are the decode's frames exactly."""
+    tiling = Tiling(*TILINGS[0])
+    rows = decode_rows(vae, latents, tiled=True, tiling=tiling)
+    assert rows.dtype == vae.dtype and rows.shape == (9, 32, 48, 3) and rows.is_contiguous()
+    assert torch.equal(frames_of(rows), decode_latents(vae, latents, tiled=True, tiling=tiling))
+    z = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor
+    with torch.no_grad():
+        assert torch.equal(frames_of(decode_rows(vae, latents, tiled=False)), _frames_before(vae.decode(z).sample))

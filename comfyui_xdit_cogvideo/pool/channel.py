@@ -14,6 +14,11 @@ connection. Frame headers are checked (dtype allow-list, nbytes = numel x itemsi
 
 ``FrameReader`` parses frames incrementally from whatever bytes arrived, so the controller's monitor never blocks
 on a half-sent frame; ``Channel.recv`` (workers) waits for a whole message with an optional deadline.
+
+Large tensors (a decoded video is 100-200 MB) cost no more copies than the socket's: the sender hashes and sends
+each tensor in pieces straight from its memory (the receiver hashes one piece while the next is hashed), and the
+receiver, once a frame's authenticated lengths are known, receives its tensor bytes straight into one buffer of the
+frame's size, hashing as they arrive; the tensors it returns are views of that buffer.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 
 from ..errors import AuthError, ChannelClosed
 
-PROTOCOL = 2  # bump when the frames or messages between controller and workers change
+PROTOCOL = 3  # bump when the frames or messages between controller and workers change
 EXIT_RESTART = 3  # a worker's exit code meaning "start me again" (torchrun --max-restarts does)
 MIN_KEY_BYTES = 32
 
@@ -45,6 +50,8 @@ _PREFIX = struct.Struct("!QQQ")  # sequence number, header bytes, body (tensor) 
 MAX_HEADER = 64 << 20
 MAX_BODY = 16 << 30  # 16 GiB: far above any latents or decoded video the pool sends
 _CHUNK = 1 << 20
+_PIECE = 4 << 20  # tensor bytes hashed and sent at a time
+_DIRECT = 64 << 10  # from this many tensor bytes still due, the receiver reads straight into the frame's buffer
 
 _PLAIN = (str, bytes, int, float, bool, type(None), dict, list, tuple)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (
@@ -95,8 +102,8 @@ def _restricted_loads(data: bytes, tensors: list):
     return _Unpickler(io.BytesIO(data), tensors).load()
 
 
-def encode_frame(message, key: bytes, seq: int) -> list:
-    """The buffers of one authenticated frame carrying ``message`` (sent in order)."""
+def _frame_head(message, key: bytes, seq: int) -> tuple[bytes, list, "hmac.HMAC"]:
+    """A frame's first bytes (prefix, length tag, header), its tensors' bytes, and the frame MAC over the header."""
     tensors: list[torch.Tensor] = []
     buffer = io.BytesIO()
     _Pickler(buffer, tensors).dump(message)
@@ -117,16 +124,23 @@ def encode_frame(message, key: bytes, seq: int) -> list:
     tag1 = hmac.new(key, prefix, hashlib.sha256).digest()
     mac = hmac.new(key, tag1, hashlib.sha256)
     mac.update(header)
+    return prefix + tag1 + header, flat, mac
+
+
+def encode_frame(message, key: bytes, seq: int) -> list:
+    """The buffers of one authenticated frame carrying ``message`` (sent in order)."""
+    head, flat, mac = _frame_head(message, key, seq)
     for part in flat:
         mac.update(part)
-    return [prefix + tag1 + header, *flat, mac.digest()]
+    return [head, *flat, mac.digest()]
 
 
-def _tensors(meta, body: memoryview, body_len: int) -> list[torch.Tensor]:
-    """Tensors described by a frame header, after checking the header against the frame's body."""
+def _tensors(meta, body: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors described by a frame header (views of ``body``, the frame's tensor bytes), after checking the header
+    against the body."""
     if not isinstance(meta, list):
         raise AuthError("malformed frame header")
-    out, offset = [], 0
+    out, offset, body_len = [], 0, body.numel()
     for item in meta:
         if not (isinstance(item, tuple) and len(item) == 3):
             raise AuthError("malformed tensor header")
@@ -142,67 +156,121 @@ def _tensors(meta, body: memoryview, body_len: int) -> list[torch.Tensor]:
         itemsize = torch.empty((), dtype=dtype).element_size()
         if not isinstance(nbytes, int) or nbytes != numel * itemsize or offset + nbytes > body_len:
             raise AuthError(f"tensor header says {nbytes} bytes for {name}{list(shape)}")
-        data = bytearray(body[offset:offset + nbytes])
+        data = body[offset:offset + nbytes]
+        if offset % itemsize:  # after an odd-sized tensor: an aligned copy
+            data = data.clone()
         offset += nbytes
-        out.append(torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(shape) if nbytes
-                   else torch.empty(shape, dtype=dtype))
+        out.append(data.view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype))
     if offset != body_len:
         raise AuthError("frame body length does not match its tensors")
     return out
 
 
 class FrameReader:
-    """Incremental parser: ``feed`` bytes as they arrive, get back the complete messages (never blocks)."""
+    """Incremental parser: ``feed`` bytes as they arrive, get back the complete messages (never blocks).
+
+    After a frame's prefix (lengths and their tag) checks out, its header, tensor bytes and final tag go into
+    buffers of their exact sizes (the tensor bytes into one uninitialized tensor the messages' tensors are views
+    of), hashed as they arrive. ``direct()`` lends the unfilled part of the tensor bytes to receive into without a
+    copy (``Channel.read_available``); ``filled(n)`` accounts for what landed there.
+    """
 
     def __init__(self, key: bytes, max_body: int = MAX_BODY):
         self.key, self.max_body = key, max_body
         self.seq = 0
-        self._buf = bytearray()
-        self._lengths: tuple[int, int, bytes] | None = None  # header, body, tag1 of the frame in progress
+        self._buf = bytearray()  # the prefix of the next frame, until it is whole
+        self._frame: _Frame | None = None
 
     @property
     def partial(self) -> bool:
         """True while a frame has started but not fully arrived."""
-        return bool(self._buf) or self._lengths is not None
+        return bool(self._buf) or self._frame is not None
 
-    def feed(self, data: bytes) -> list:
-        self._buf += data
+    def feed(self, data) -> list:
         messages = []
-        while True:
-            if self._lengths is None:
-                if len(self._buf) < _PREFIX.size + _TAG:
-                    return messages
-                prefix, tag1 = bytes(self._buf[:_PREFIX.size]), bytes(self._buf[_PREFIX.size:_PREFIX.size + _TAG])
-                if not hmac.compare_digest(tag1, hmac.new(self.key, prefix, hashlib.sha256).digest()):
-                    raise AuthError("a frame failed its authentication check (injected or corrupted)")
-                seq, header_len, body_len = _PREFIX.unpack(prefix)
-                if seq != self.seq:
-                    raise AuthError(f"frame {seq} arrived where frame {self.seq} was due (replayed or reordered)")
-                if header_len > MAX_HEADER or body_len > self.max_body:
-                    raise AuthError(f"frame of {header_len} + {body_len} bytes exceeds the channel's limits")
-                del self._buf[:_PREFIX.size + _TAG]
-                self._lengths = (header_len, body_len, tag1)
-            header_len, body_len, tag1 = self._lengths
-            if len(self._buf) < header_len + body_len + _TAG:
-                return messages
-            view = memoryview(self._buf)
-            try:
-                mac = hmac.new(self.key, tag1, hashlib.sha256)
-                mac.update(view[:header_len + body_len])
-                if not hmac.compare_digest(bytes(view[header_len + body_len:header_len + body_len + _TAG]),
-                                           mac.digest()):
-                    raise AuthError("a frame failed its authentication check (tampered)")
-                try:
-                    meta, body = _restricted_loads(bytes(view[:header_len]), [])
-                except (pickle.UnpicklingError, ValueError, EOFError, TypeError) as error:
-                    raise AuthError(f"malformed frame header: {error}") from None
-                tensors = _tensors(meta, view[header_len:header_len + body_len], body_len)
-                messages.append(_restricted_loads(body, tensors))
-            finally:
-                view.release()
-            del self._buf[:header_len + body_len + _TAG]
-            self._lengths = None
+        data = memoryview(data).cast("B")
+        while data:
+            if self._frame is None:
+                need = _PREFIX.size + _TAG - len(self._buf)
+                self._buf += data[:need]
+                data = data[need:]
+                if len(self._buf) == _PREFIX.size + _TAG:
+                    self._start(bytes(self._buf))
+                    self._buf.clear()
+                continue
+            window = self._frame.window()
+            n = min(len(window), len(data))
+            window[:n] = data[:n]
+            data = data[n:]
+            messages += self.filled(n)
+        return messages
+
+    def direct(self) -> memoryview | None:
+        """The unfilled part of the current frame's tensor bytes when at least ``_DIRECT`` bytes are due, else None."""
+        frame = self._frame
+        if frame is None or frame.part != 1 or frame.remaining() < _DIRECT:
+            return None
+        return frame.window()
+
+    def filled(self, n: int) -> list:
+        """``n`` bytes were written at the start of the current frame's window: the message it completes, if any."""
+        frame = self._frame
+        if frame.advance(n):
+            self._frame = None
             self.seq += 1
+            return [frame.message()]
+        return []
+
+    def _start(self, head: bytes) -> None:
+        prefix, tag1 = head[:_PREFIX.size], head[_PREFIX.size:]
+        if not hmac.compare_digest(tag1, hmac.new(self.key, prefix, hashlib.sha256).digest()):
+            raise AuthError("a frame failed its authentication check (injected or corrupted)")
+        seq, header_len, body_len = _PREFIX.unpack(prefix)
+        if seq != self.seq:
+            raise AuthError(f"frame {seq} arrived where frame {self.seq} was due (replayed or reordered)")
+        if header_len > MAX_HEADER or body_len > self.max_body:
+            raise AuthError(f"frame of {header_len} + {body_len} bytes exceeds the channel's limits")
+        self._frame = _Frame(self.key, tag1, header_len, body_len)
+
+
+class _Frame:
+    """One frame after its authenticated prefix: header, tensor bytes and tag, filled in that order."""
+
+    def __init__(self, key: bytes, tag1: bytes, header_len: int, body_len: int):
+        self.mac = hmac.new(key, tag1, hashlib.sha256)
+        self.header = bytearray(header_len)
+        self.body = torch.empty(body_len, dtype=torch.uint8)
+        self.tag = bytearray(_TAG)
+        self.views = [memoryview(self.header), memoryview(self.body.numpy()).cast("B"), memoryview(self.tag)]
+        self.part, self.offset = 0, 0
+        self._skip_empty()
+
+    def window(self) -> memoryview:
+        return self.views[self.part][self.offset:]
+
+    def remaining(self) -> int:
+        return len(self.views[self.part]) - self.offset
+
+    def advance(self, n: int) -> bool:
+        """Account for ``n`` bytes written at ``window()``; True once the whole frame is here."""
+        if self.part < 2:
+            self.mac.update(self.views[self.part][self.offset:self.offset + n])
+        self.offset += n
+        self._skip_empty()
+        return self.part == 3
+
+    def _skip_empty(self) -> None:
+        while self.part < 3 and self.offset == len(self.views[self.part]):
+            self.part, self.offset = self.part + 1, 0
+
+    def message(self):
+        if not hmac.compare_digest(bytes(self.tag), self.mac.digest()):
+            raise AuthError("a frame failed its authentication check (tampered)")
+        try:
+            meta, body = _restricted_loads(bytes(self.header), [])
+        except (pickle.UnpicklingError, ValueError, EOFError, TypeError) as error:
+            raise AuthError(f"malformed frame header: {error}") from None
+        return _restricted_loads(body, _tensors(meta, self.body))
 
 
 class Channel:
@@ -273,11 +341,16 @@ class Channel:
         try:
             if self._closed:
                 raise ChannelClosed("channel is closed")
-            parts = encode_frame(message, self._key_out, self._send_seq)
+            head, flat, mac = _frame_head(message, self._key_out, self._send_seq)
             self._send_seq += 1
             try:
-                for part in parts:
-                    self.sock.sendall(part)
+                self.sock.sendall(head)
+                for part in flat:  # hash a piece, send it: the receiver works on it while the next is hashed
+                    for start in range(0, len(part), _PIECE):
+                        piece = part[start:start + _PIECE]
+                        mac.update(piece)
+                        self.sock.sendall(piece)
+                self.sock.sendall(mac.digest())
             except (OSError, ValueError) as error:  # socket.timeout is an OSError
                 self._closed_by_error()
                 raise ChannelClosed(f"send failed: {error}") from None
@@ -289,15 +362,20 @@ class Channel:
         """The messages completed by the bytes available now (one read; never blocks). ChannelClosed on EOF."""
         if self._closed:
             raise ChannelClosed("channel is closed")
+        direct = self._reader.direct()  # a large tensor's bytes: straight into its buffer
         try:
-            data = self.sock.recv(_CHUNK, getattr(socket, "MSG_DONTWAIT", 0))
+            if direct is not None:
+                got = self.sock.recv_into(direct, len(direct), getattr(socket, "MSG_DONTWAIT", 0))
+            else:
+                data = self.sock.recv(_CHUNK, getattr(socket, "MSG_DONTWAIT", 0))
+                got = len(data)
         except (BlockingIOError, InterruptedError, socket.timeout):
             return []
         except (OSError, ValueError) as error:
             raise ChannelClosed(f"connection lost: {error}") from None
-        if not data:
+        if not got:
             raise ChannelClosed("connection closed by the other end")
-        return self._reader.feed(data)
+        return self._reader.filled(got) if direct is not None else self._reader.feed(data)
 
     @property
     def partial(self) -> bool:

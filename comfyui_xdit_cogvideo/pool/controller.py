@@ -522,6 +522,7 @@ class WorkerPool:
         VAE's tile size and overlap. ``frames`` drops CogVideoX 1.5's temporal padding.
         """
         from ..loading import read_model_info
+        from ..vae_parallel import frames_of
 
         model = _spec(model)
         model.validate()
@@ -559,7 +560,10 @@ class WorkerPool:
                 self.last_decode = choice
             args.update(tiled=choice.tiled, leader_only=not choice.tiled)
 
-        return self._run("decode", model, args, on_event, cancel, leader_only=tiled is False, prepare=choose)
+        rows = self._run("decode", model, args, on_event, cancel, leader_only=tiled is False, prepare=choose)
+        if not (torch.is_tensor(rows) and rows.dim() == 4 and rows.shape[-1] == 3):
+            raise PoolError(f"rank 0 sent no decoded video (got {type(rows).__name__})")
+        return frames_of(rows)  # rank 0 sends the VAE's output in its own dtype; the frames are made here
 
     def encode_prompt(self, model: p.ModelSpec, prompt: str, negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
         """T5 embeddings [1, 226, D] of prompt and negative prompt, made on rank 0 as diffusers makes them."""

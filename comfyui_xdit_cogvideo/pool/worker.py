@@ -374,7 +374,7 @@ class Worker:
     def run_decode(self, job: p.Job):
         import torch.distributed as dist
 
-        from ..vae_parallel import Tiling, decode_latents
+        from ..vae_parallel import Tiling, decode_rows
 
         args = job.args
         spec = p.ModelSpec.from_wire(job.model)
@@ -396,8 +396,9 @@ class Worker:
             if self.rank == 0:
                 self.send(p.Event(job.id, "decode", step, total, seconds))
 
-        return decode_latents(vae, args["latents"], args.get("frames"), tiled,
-                              tiling, group, on_progress, self._should_cancel(job.id))
+        # the VAE's output in its own dtype (bf16: half the bytes of float frames); the caller makes the frames
+        return decode_rows(vae, args["latents"], args.get("frames"), tiled,
+                           tiling, group, on_progress, self._should_cancel(job.id))
 
     def _decode_tiling(self, vae, latents, group):
         """Tiles that fit what this GPU has free now (memory plans other than fast); the same on every rank of
