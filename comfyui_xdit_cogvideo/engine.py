@@ -19,7 +19,7 @@ from .loading import (ModelSource, load_scheduler, load_text_encoder, load_trans
                       parse_dtype)
 from .memory import MemoryPlan
 from .parallel.groups import ParallelGroups
-from .parallel.kernels import resolve_kernel
+from .parallel.kernels import probe_kernel, probe_seconds, resolve_kernel
 from .request import GenerationRequest
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
@@ -43,14 +43,20 @@ class CogVideoEngine:
         self.dtype, self.device = parse_dtype(dtype), torch.device(device)
         self.groups = groups or ParallelGroups.single()
         self.memory = _plan(memory, self.groups)
+        # where the construction's seconds went (pool status "last_job" -> "load", CLI summary)
+        self.load_timings: dict = {}
         # low/offload: weights wait on the CPU until they are sharded or streamed onto the device
         home = self.device if self.memory.name == "fast" else torch.device("cpu")
-        self.transformer, self.info = load_transformer(self.resolved, self.dtype, home)
+        # auto: the kernel's self-test (flash-attn's import and JIT) runs on a thread while the weights are copied
+        probe = (lambda: probe_kernel(self.device)) if attention == "auto" else None
+        self.transformer, self.info = load_transformer(self.resolved, self.dtype, home, self.load_timings, probe)
         self._placed = self.memory.name == "fast"
         self._vae = None
         self._text = None
         self._setup(attention, optimize)
+        mark = time.perf_counter()
         self.set_loras(loras)
+        self.load_timings["loras_s"] = round(time.perf_counter() - mark, 3)
 
     @classmethod
     def from_components(
@@ -85,6 +91,7 @@ class CogVideoEngine:
         self.dtype, self.device = param.dtype, torch.device(device) if device is not None else param.device
         self.groups = groups or ParallelGroups.single()
         self.memory = _plan(memory, self.groups)
+        self.load_timings = {}
         self._placed = self.memory.name == "fast"
         self.transformer = transformer.eval().requires_grad_(False)
         self.info = ModelInfo.from_config(transformer.config)
@@ -100,8 +107,17 @@ class CogVideoEngine:
         self.optimizer = None
         self.timings: dict = {}  # the last generate's phases, in seconds (pool status, CLI summary)
         self.lora = LoraManager(self.transformer)
+        mark = time.perf_counter()
         self.optimize(optimize)  # before sharding: fusing QKV rewrites the weights
-        self.rebind(self.groups, attention)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.load_timings["optimize_s"] = round(now - mark, 3)
+        self.rebind(self.groups, attention)  # waits for the kernel probe started before the load, if any
+        self.load_timings["attention_s"] = round(time.perf_counter() - now, 3)
+        probe = probe_seconds(self.device)
+        if probe is not None:
+            self.load_timings["kernel_probe_s"] = probe  # its own duration, mostly hidden behind the load
 
     def set_loras(self, loras) -> None:
         """Merge exactly these LoRAs (``LoraSpec``, ``(path, strength)`` or ``"FILE[:STRENGTH]"``) into the resident
@@ -217,7 +233,11 @@ class CogVideoEngine:
 
     def _text_encoder(self):
         if self._text is None:
+            mark = time.perf_counter()
             self._text = load_text_encoder(self.resolved, self.dtype, self._text_home())
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.timings["text_load_s"] = round(time.perf_counter() - mark, 3)  # part of this job's text_s
         return self._text
 
     def set_memory_plan(self, plan: MemoryPlan) -> None:

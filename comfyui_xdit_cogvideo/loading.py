@@ -10,8 +10,11 @@ device; the text encoder and VAE load only when first needed, since T5-XXL alone
 from __future__ import annotations
 
 import json
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -19,6 +22,12 @@ from .formats import (FP8_DTYPES, check_derivative, dequantize, native_to_diffus
                       quant_formats, transformer_layout, upcast)
 from .tiny import TINY_VARIANTS, ensure_tiny
 from .variants import ModelError, ModelInfo, config_from_shapes
+
+# Building a model changes process-wide torch state for a moment (diffusers and transformers set the default dtype
+# and patch torch.nn.init / register_parameter while they construct): whatever builds models, or depends on that
+# state, holds this lock, so a background thread (the attention kernel's self-test) never sees it half-changed.
+# Copies onto the device happen outside it, so they overlap with such a thread.
+CONSTRUCTION_LOCK = threading.RLock()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORAGES = ("upcast", "fp8")
@@ -122,10 +131,28 @@ def _read_config(folder: Path) -> dict:
     return json.loads((folder / "config.json").read_text())
 
 
-def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch.device | str):
-    """(transformer, ModelInfo); weights go straight to ``device`` in ``dtype``."""
+def _lap(timings: dict | None, name: str, since: float, device=None) -> float:
+    """Record seconds since ``since`` under ``name`` (synchronised on CUDA); returns now."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    now = time.perf_counter()
+    if timings is not None:
+        timings[name] = round(timings.get(name, 0.0) + now - since, 3)
+    return now
+
+
+def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch.device | str,
+                     timings: dict | None = None, on_built: Callable[[], object] | None = None):
+    """(transformer, ModelInfo); weights go straight to ``device`` in ``dtype``.
+
+    ``timings`` (a dict) receives where the seconds went, for the pool's status and the CLI summary: ``read_s``
+    (headers, model built, weights read; a single file is read straight onto ``device``), then ``to_device_s``
+    (a folder's copy onto ``device``) or ``convert_s`` (a single file's conversion to ``dtype``). ``on_built`` is
+    called once the model is built (``CONSTRUCTION_LOCK`` released), before the bulk of the bytes move: work
+    started there overlaps the copy."""
     from diffusers import CogVideoXTransformer3DModel
 
+    mark = time.perf_counter()
     path = resolved.transformer
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -137,14 +164,25 @@ def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch
             check_complete(shard)
         config = _read_config(path)
         check_derivative(config, str(path))
-        model = CogVideoXTransformer3DModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True).to(device)
+        with CONSTRUCTION_LOCK:
+            model = CogVideoXTransformer3DModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        mark = _lap(timings, "read_s", mark)
+        if on_built is not None:
+            on_built()
+            mark = _lap(timings, "on_built_s", mark)
+        model = model.to(device)
+        _lap(timings, "to_device_s", mark, device)
         return model.eval().requires_grad_(False), ModelInfo.from_config(model.config)
     from accelerate import init_empty_weights
 
     header = read_transformer_header(path)
-    with init_empty_weights(include_buffers=False):
+    with CONSTRUCTION_LOCK, init_empty_weights(include_buffers=False):
         model = CogVideoXTransformer3DModel(**header.config)
+    if on_built is not None:
+        on_built()
+        mark = _lap(timings, "on_built_s", mark)
     weights, scales = read_transformer_weights(path, header, device)
+    mark = _lap(timings, "read_s", mark, device)
     expected = model.state_dict()
     missing, unexpected = set(expected) - set(weights), set(weights) - set(expected)
     if missing or unexpected:
@@ -160,6 +198,7 @@ def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch
     model = model.to(device)
     if resident:
         keep_fp8(model, resident, scales, dtype)
+    _lap(timings, "convert_s", mark, device)  # the weights were read onto the device: this is the dtype conversion
     return model.eval().requires_grad_(False), ModelInfo.from_config(header.config)
 
 
@@ -383,7 +422,8 @@ def load_vae(resolved: ResolvedSource, dtype: torch.dtype, device: torch.device 
     if path is None:
         raise ModelError("this model has no VAE; give a vae path (a diffusers vae/ folder or a .safetensors file)")
     if path.is_dir():
-        vae = AutoencoderKLCogVideoX.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
+        with CONSTRUCTION_LOCK:
+            vae = AutoencoderKLCogVideoX.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
         check_vae(vae, info, str(path), from_config=True)
         return vae.to(device).eval().requires_grad_(False)
     if path.suffix not in (".safetensors", ".sft"):  # never a pickle (.pt, .bin, .ckpt): torch.load could run code
@@ -405,7 +445,7 @@ def load_vae(resolved: ResolvedSource, dtype: torch.dtype, device: torch.device 
     config = dict(vae_config_from_shapes(shapes), scaling_factor=scale, invert_scale_latents=invert)
     if sidecar.exists():
         config.update({k: v for k, v in json.loads(sidecar.read_text()).items() if not k.startswith("_")})
-    with init_empty_weights(include_buffers=False):
+    with CONSTRUCTION_LOCK, init_empty_weights(include_buffers=False):
         vae = AutoencoderKLCogVideoX(**config)
     state = {k[len(prefix):]: v for k, v in load_file(str(path), device=str(device)).items() if k.startswith(prefix)}
     expected = vae.state_dict()
@@ -428,12 +468,14 @@ def load_text_encoder(resolved: ResolvedSource, dtype: torch.dtype, device: torc
                          "with a tokenizer folder")
     tokenizer = AutoTokenizer.from_pretrained(resolved.tokenizer)
     if resolved.text_encoder.is_dir():
-        encoder = T5EncoderModel.from_pretrained(resolved.text_encoder, torch_dtype=dtype,
-                                                 use_safetensors=True).to(device)
+        with CONSTRUCTION_LOCK:
+            encoder = T5EncoderModel.from_pretrained(resolved.text_encoder, torch_dtype=dtype, use_safetensors=True)
+        encoder = encoder.to(device)
     else:
         from .t5 import load_t5_file
 
-        encoder = load_t5_file(resolved.text_encoder, dtype, device)
+        with CONSTRUCTION_LOCK:
+            encoder = load_t5_file(resolved.text_encoder, dtype, device)
     return tokenizer, encoder.eval().requires_grad_(False)
 
 

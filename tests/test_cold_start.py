@@ -205,10 +205,14 @@ def test_pool_status_names_where_the_time_went(tiny_path, monkeypatch):
         job = status["last_job"]
         assert job["loaded"] and {"load_s", "configure_s", "text_s", "place_s", "first_step_s",
                                   "other_steps_s"} <= set(job), job
+        # load_s in named parts; the prompt's T5 load inside text_s; no kernel self-test to run on a CPU
+        assert {"read_s", "to_device_s", "optimize_s", "attention_s", "loras_s"} <= set(job["load"]), job
+        assert 0 <= job["text_load_s"] <= job["text_s"] and status["startup"]["kernel_probe"] is False
         assert status["compile"]["why"] == "eager: compile off" and status["compile"]["policy"] == "off"
         assert {"pre_s", "attention_s", "post_s"} <= set(status["compile"]["first_block"])
         pool.generate(ModelSpec("tiny", dtype="fp32"), request)
-        assert pool.status()["last_job"]["loaded"] is False
+        job = pool.status()["last_job"]
+        assert job["loaded"] is False and "load" not in job and "text_load_s" not in job, job
     finally:
         pool.shutdown()
 

@@ -11,8 +11,11 @@ SDPA for other dtypes, so every name works with every dtype.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import threading
+import time
 from typing import Callable
 
 import torch
@@ -149,31 +152,95 @@ def available_kernels(device: torch.device | str) -> list[str]:
 
 
 _WORKS: dict[tuple[str, str], bool] = {}
+_WORKS_LOCK = threading.Lock()  # one self-test at a time: a background probe and the engine never test twice
 
 
 def kernel_works(name: str, device: torch.device | str) -> bool:
     """One small call (with and without log-sum-exp) against SDPA on ``device``; the answer is cached.
 
     Guards ``auto`` against a kernel that imports but cannot run here (an unsupported GPU generation, a
-    driver too old for its JIT, a missing runtime library).
+    driver too old for its JIT, a missing runtime library). Thread-safe: it may run on ``probe_kernel``'s thread
+    while the weights load. The kernel's module is imported first; the calls then hold
+    ``loading.CONSTRUCTION_LOCK``, so they never run while torch's default dtype or init functions are changed
+    by a model being built.
     """
+    from ..loading import CONSTRUCTION_LOCK
+
     device = torch.device(device)
     key = (name, str(device))
-    if key not in _WORKS:
+    with _WORKS_LOCK:
+        if key in _WORKS:
+            return _WORKS[key]
         try:
             if name == "fa4":
                 _fa4_cache_defaults()
-            g = torch.Generator(device).manual_seed(0)
-            q, k, v = (torch.randn(1, n, 2, 64, device=device, dtype=torch.bfloat16, generator=g) for n in (80, 96, 96))
-            want = F.scaled_dot_product_attention(*_bhsd(q, k, v)).transpose(1, 2).float()
-            out, _ = KERNELS[name](q, k, v, False)
-            out_lse, lse = KERNELS[name](q, k, v, True)
-            ok = lse is not None and tuple(lse.shape) == (1, 2, 80)
-            ok = ok and all(float((o.float() - want).abs().max()) < 2e-2 for o in (out, out_lse))
-            _WORKS[key] = bool(ok)
+            if name in _MODULE_OF:
+                importlib.import_module(_MODULE_OF[name])
+            with CONSTRUCTION_LOCK:
+                _WORKS[key] = _self_test(name, device)
         except Exception:  # noqa: BLE001 - any failure means "do not pick it automatically"
-            _WORKS[key] = False
-    return _WORKS[key]
+            if threading.current_thread() is not threading.main_thread():
+                return False  # a background probe's failure (e.g. an import racing the main thread's) is not final:
+            _WORKS[key] = False  # the engine tests again on its own thread
+        return _WORKS[key]
+
+
+def _self_test(name: str, device: torch.device) -> bool:
+    g = torch.Generator(device).manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, 64, device=device, dtype=torch.bfloat16, generator=g) for n in (80, 96, 96))
+    want = F.scaled_dot_product_attention(*_bhsd(q, k, v)).transpose(1, 2).float()
+    out, _ = KERNELS[name](q, k, v, False)
+    out_lse, lse = KERNELS[name](q, k, v, True)
+    ok = lse is not None and tuple(lse.shape) == (1, 2, 80)
+    return bool(ok and all(float((o.float() - want).abs().max()) < 2e-2 for o in (out, out_lse)))
+
+
+_PROBES: dict[str, dict] = {}  # device -> {"thread", "seconds"}: background resolutions of ``auto``
+_PROBES_LOCK = threading.Lock()
+
+
+def _needs_self_test(device: torch.device) -> bool:
+    return device.type == "cuda" and any(n == "fa3" or (n == "fa4" and _fa4_targets(device))
+                                         for n in available_kernels(device))
+
+
+def probe_kernel(device: torch.device | str) -> bool:
+    """Resolve ``auto`` on ``device`` in a background thread (its self-test imports and JIT-compiles flash-attn,
+    seconds), so that it overlaps start-up and the weights' copy onto the device instead of following them.
+    ``resolve_kernel`` waits for it. Returns whether a probe runs or ran (only CUDA devices with a kernel to test)."""
+    device = torch.device(device)
+    key = str(device)
+    with _PROBES_LOCK:
+        if key in _PROBES:
+            return True
+        if not _needs_self_test(device):
+            return False
+        # flash-attn-4 imports torch._dynamo and torch._inductor (with sympy: half its import time), which the
+        # engine imports too (compile): imported here, on the caller's thread, the two threads never import the
+        # same module at once (a concurrent circular import can leave a module half-initialised)
+        for module in ("torch._dynamo", "torch._inductor"):
+            importlib.import_module(module)
+
+        probe: dict = {}
+
+        def run() -> None:
+            started = time.perf_counter()
+            try:
+                with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                    resolve_kernel("auto", device)
+            except Exception:  # noqa: BLE001 - the engine resolves again in its own thread and reports errors
+                pass
+            probe["seconds"] = round(time.perf_counter() - started, 3)
+
+        probe["thread"] = threading.Thread(target=run, name=f"xdit-kernel-probe-{key}", daemon=True)
+        _PROBES[key] = probe
+    probe["thread"].start()
+    return True
+
+
+def probe_seconds(device: torch.device | str) -> float | None:
+    """How long the background probe of ``device`` took (None: none ran, or it is still running)."""
+    return _PROBES.get(str(torch.device(device)), {}).get("seconds")
 
 
 # GPU generations (compute capability majors) on which ``auto`` may pick flash-attn-4: Hopper (9) and datacenter

@@ -354,6 +354,8 @@ class Worker:
         engine.set_loras(spec.loras)  # merged in place: the base is never reloaded
         timings = {"job": job.id, "load_s": round(loaded - started, 3), "loaded": self.loads > loads,
                    "configure_s": round(time.perf_counter() - loaded, 3)}
+        if timings["loaded"]:  # load_s in parts: transformer read, copy to the device, optimize, attention, LoRAs
+            timings["load"] = dict(engine.load_timings)
         request = GenerationRequest(**args["request"])
         self.state, self.phase = "sampling", "sample"
         clock = {"last": time.perf_counter()}
@@ -552,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
     backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
+    from ..parallel.kernels import probe_kernel
+
+    # The attention kernel's self-test (flash-attn's import and JIT, seconds) runs on a thread from here on, while
+    # this worker connects, waits for its first job and loads the weights; the job's engine waits for its answer.
+    startup["kernel_probe"] = probe_kernel(device)
 
     startup["imports_s"] = round(time.perf_counter() - begun, 3)
     # Connect only now that the slow imports are done: the pool gives each connection HANDSHAKE_TIMEOUT to say hello.

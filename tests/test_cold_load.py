@@ -1,0 +1,144 @@
+"""Cold start, the load (issue 17): load_s split into named parts, QKV fused without a throw-away random init, and
+the attention kernel's self-test run on a thread while the weights load (never during a model build)."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from comfyui_xdit_cogvideo import CogVideoEngine, engine as engine_module
+from comfyui_xdit_cogvideo import loading
+from comfyui_xdit_cogvideo.optimize import _fuse_qkv
+from comfyui_xdit_cogvideo.parallel import kernels
+
+
+def test_fused_qkv_equals_diffusers_fuse_projections_without_random_init(tiny_path, monkeypatch):
+    """The same module diffusers' Attention.fuse_projections makes (a test that notices when upstream changes what
+    it builds), but no weight is randomly initialised on a real device first (3.3 s for the 2b on a CPU)."""
+    transformer = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none").transformer
+    theirs, ours = (copy.deepcopy(transformer.transformer_blocks[0].attn1) for _ in range(2))
+    theirs.fuse_projections()
+    initialised = []
+    real = torch.nn.init.kaiming_uniform_
+
+    def spy(tensor, *args, **kwargs):
+        initialised.append(tensor.device.type)
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.init, "kaiming_uniform_", spy)
+    _fuse_qkv(ours)
+    assert [d for d in initialised if d != "meta"] == []
+    assert ours.fused_projections is theirs.fused_projections is True
+    assert dict(ours.named_children()).keys() == dict(theirs.named_children()).keys()
+    assert (ours.to_qkv.in_features, ours.to_qkv.out_features) == (theirs.to_qkv.in_features,
+                                                                   theirs.to_qkv.out_features)
+    assert torch.equal(ours.to_qkv.weight, theirs.to_qkv.weight) and torch.equal(ours.to_qkv.bias, theirs.to_qkv.bias)
+    x = torch.randn(2, 7, ours.to_qkv.in_features)
+    assert torch.equal(ours.to_qkv(x), theirs.to_qkv(x))
+
+
+def test_load_s_is_split_into_named_parts(tiny_path, tmp_path):
+    """A folder: read, copy to the device, optimize, attention, LoRAs; a single file: read, convert."""
+    from safetensors.torch import save_file
+
+    started = time.perf_counter()
+    engine = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="fuse")
+    total = time.perf_counter() - started
+    parts = engine.load_timings
+    assert {"read_s", "to_device_s", "optimize_s", "attention_s", "loras_s"} <= set(parts), parts
+    assert all(v >= 0 for v in parts.values()) and sum(parts.values()) <= total + 0.01, (parts, total)
+    single = tmp_path / "cogvideox_2b.safetensors"
+    save_file({k: v.contiguous() for k, v in engine.transformer.state_dict().items()
+               if "to_qkv" not in k}, str(single))
+    parts = CogVideoEngine(str(single), dtype="bf16", optimize="none").load_timings
+    assert {"read_s", "convert_s", "optimize_s", "attention_s"} <= set(parts), parts
+
+
+@pytest.fixture
+def slow_fa4(monkeypatch):
+    """A flash-attn-4 stand-in on the CPU whose self-test takes 0.5 s; records the threads that ran it."""
+    calls: list[str] = []
+
+    def run(q, k, v, lse):
+        calls.append(threading.current_thread().name)
+        time.sleep(0.25)
+        qt, kt, vt = (x.transpose(1, 2).float() for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qt, kt, vt).transpose(1, 2).to(q.dtype)
+        scores = qt @ kt.transpose(-1, -2) / q.shape[-1] ** 0.5
+        return out, (torch.logsumexp(scores, dim=-1) if lse else None)
+
+    monkeypatch.setitem(kernels.KERNELS, "fa4", run)
+    monkeypatch.setitem(kernels._MODULE_OF, "fa4", "json")  # the module imported before the self-test
+    monkeypatch.setattr(kernels, "available_kernels", lambda device: ["fa4", "math", "sdpa"])
+    monkeypatch.setattr(kernels, "_fa4_targets", lambda device: True)
+    monkeypatch.setattr(kernels, "_needs_self_test", lambda device: True)
+    monkeypatch.setattr(kernels, "_fa4_cache_defaults", lambda: None)
+    monkeypatch.setattr(kernels, "_WORKS", {})
+    monkeypatch.setattr(kernels, "_PROBES", {})
+    return calls
+
+
+def test_kernel_self_test_runs_on_a_thread_during_the_load(tiny_path, slow_fa4, monkeypatch):
+    """auto: the self-test starts once the model is built, on its own thread, so it overlaps the weights' copy;
+    the engine then takes its answer (one self-test, not two)."""
+    real_load = engine_module.load_transformer
+    seen = {}
+
+    def load(*args, **kwargs):
+        result = real_load(*args, **kwargs)
+        probe = kernels._PROBES.get("cpu")
+        seen["probe_started_during_load"] = probe is not None and (probe["thread"].ident is not None)
+        return result
+
+    monkeypatch.setattr(engine_module, "load_transformer", load)
+    engine = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none", attention="auto")
+    assert seen == {"probe_started_during_load": True}
+    assert engine.attention == "fa4"
+    assert slow_fa4 == ["xdit-kernel-probe-cpu"] * 2  # with and without log-sum-exp, once, on the probe's thread
+    assert engine.load_timings["kernel_probe_s"] >= 0.5
+    assert not kernels._PROBES["cpu"]["thread"].is_alive()
+
+
+def test_kernel_self_test_never_runs_during_a_model_build(slow_fa4):
+    """Building a model changes torch's default dtype and init functions for a moment: the self-test waits."""
+    released = {}
+
+    def build():
+        with loading.CONSTRUCTION_LOCK:
+            entered.set()
+            time.sleep(0.5)
+            released["at"] = time.perf_counter()
+
+    entered = threading.Event()
+    builder = threading.Thread(target=build)
+    builder.start()
+    assert entered.wait(30)
+    assert kernels.probe_kernel("cpu")
+    kernels._PROBES["cpu"]["thread"].join(60)
+    builder.join(60)
+    assert slow_fa4 and kernels._WORKS[("fa4", "cpu")] is True
+    assert kernels.probe_seconds("cpu") >= 0.5 + 0.5 - 0.05  # waited for the build, then tested
+
+
+def test_a_failed_background_probe_is_not_final(monkeypatch, slow_fa4):
+    """An exception on the probe's thread (an import racing the main thread's) leaves the answer open: the engine's
+    own resolve tests again instead of silently falling back to a slower kernel."""
+    outcomes = iter([RuntimeError("partially initialized module"), None])
+
+    def flaky(q, k, v, lse):
+        error = next(outcomes) if not lse else None
+        if error is not None:
+            raise error
+        return torch.zeros_like(q), None
+
+    monkeypatch.setitem(kernels.KERNELS, "fa4", flaky)
+    assert kernels.probe_kernel("cpu")
+    kernels._PROBES["cpu"]["thread"].join(60)
+    assert ("fa4", "cpu") not in kernels._WORKS
+    kernels.kernel_works("fa4", "cpu")  # main thread: decided and cached (here: wrong numbers, so False)
+    assert kernels._WORKS[("fa4", "cpu")] is False
