@@ -7,6 +7,8 @@ forward is shared out. The leader (rank 0) encodes text once and broadcasts the 
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from typing import Callable
 
@@ -15,8 +17,8 @@ import torch.distributed as dist
 
 from .errors import GenerationCancelled  # noqa: F401  (engine.GenerationCancelled stays importable)
 from .layout import check_layout
-from .loading import (ModelSource, load_scheduler, load_text_encoder, load_transformer, load_vae,
-                      parse_dtype)
+from .loading import (CONSTRUCTION_LOCK, ModelSource, load_scheduler, load_text_encoder, load_transformer,
+                      load_vae, parse_dtype)
 from .memory import MemoryPlan
 from .parallel.groups import ParallelGroups
 from .parallel.kernels import probe_kernel, probe_seconds, resolve_kernel
@@ -37,7 +39,10 @@ class CogVideoEngine:
         optimize="auto",
         loras=(),
         memory: "str | MemoryPlan" = "fast",
+        preload_text: bool = False,
     ):
+        """``preload_text``: load T5 on a thread while the transformer loads (the first job encodes a prompt),
+        instead of when the first prompt is encoded."""
         self.source = ModelSource(source) if isinstance(source, str) else source
         self.resolved = self.source.resolve()
         self.dtype, self.device = parse_dtype(dtype), torch.device(device)
@@ -47,12 +52,18 @@ class CogVideoEngine:
         self.load_timings: dict = {}
         # low/offload: weights wait on the CPU until they are sharded or streamed onto the device
         home = self.device if self.memory.name == "fast" else torch.device("cpu")
-        # auto: the kernel's self-test (flash-attn's import and JIT) runs on a thread while the weights are copied
-        probe = (lambda: probe_kernel(self.device)) if attention == "auto" else None
-        self.transformer, self.info = load_transformer(self.resolved, self.dtype, home, self.load_timings, probe)
-        self._placed = self.memory.name == "fast"
         self._vae = None
         self._text = None
+        self._text_preload = None
+
+        def built() -> None:  # the transformer is built, its bytes are about to move: start what can overlap them
+            if attention == "auto":  # the kernel's self-test (flash-attn's import and JIT)
+                probe_kernel(self.device)
+            if preload_text and self.resolved.text_encoder is not None and self.resolved.tokenizer is not None:
+                self._text_preload = _TextPreload(self)
+
+        self.transformer, self.info = load_transformer(self.resolved, self.dtype, home, self.load_timings, built)
+        self._placed = self.memory.name == "fast"
         self._setup(attention, optimize)
         mark = time.perf_counter()
         self.set_loras(loras)
@@ -97,6 +108,7 @@ class CogVideoEngine:
         self.info = ModelInfo.from_config(transformer.config)
         self._vae = vae
         self._text = (tokenizer, text_encoder.to(self._text_home())) if text_encoder is not None else None
+        self._text_preload = None
         self._setup(attention, optimize)
         self.set_loras(loras)
         return self
@@ -108,7 +120,8 @@ class CogVideoEngine:
         self.timings: dict = {}  # the last generate's phases, in seconds (pool status, CLI summary)
         self.lora = LoraManager(self.transformer)
         mark = time.perf_counter()
-        self.optimize(optimize)  # before sharding: fusing QKV rewrites the weights
+        with CONSTRUCTION_LOCK:  # never while a T5 preload's build has torch's default dtype changed
+            self.optimize(optimize)  # before sharding: fusing QKV rewrites the weights
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
@@ -122,7 +135,8 @@ class CogVideoEngine:
     def set_loras(self, loras) -> None:
         """Merge exactly these LoRAs (``LoraSpec``, ``(path, strength)`` or ``"FILE[:STRENGTH]"``) into the resident
         weights, replacing the previous set; the base model is never reloaded (``comfyui_xdit_cogvideo.lora``)."""
-        self.lora.set(loras)
+        with CONSTRUCTION_LOCK:  # LoRA conversion makes tensors in the default dtype: not during a T5 preload's build
+            self.lora.set(loras)
 
     @property
     def loras(self) -> list[dict]:
@@ -234,7 +248,13 @@ class CogVideoEngine:
     def _text_encoder(self):
         if self._text is None:
             mark = time.perf_counter()
-            self._text = load_text_encoder(self.resolved, self.dtype, self._text_home())
+            if self._text_preload is not None:
+                preload, self._text_preload = self._text_preload, None
+                self._text = preload.result()  # its error, if any, is raised here, as a load here would
+                self._text[1].to(self._text_home())  # the memory plan may have changed since it started
+                self.timings["text_preload_s"] = preload.seconds  # its own duration, overlapped with the load
+            else:
+                self._text = load_text_encoder(self.resolved, self.dtype, self._text_home())
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.timings["text_load_s"] = round(time.perf_counter() - mark, 3)  # part of this job's text_s
@@ -272,10 +292,14 @@ class CogVideoEngine:
                     torch.cuda.empty_cache()
         return positive.to(self.device), negative.to(self.device)
 
+    @staticmethod
+    def needs_text(request: GenerationRequest) -> bool:
+        """Whether ``request`` makes the engine encode text (what ``preload_text`` is for)."""
+        return request.prompt_embeds is None or (request.use_cfg and request.negative_prompt_embeds is None)
+
     def _embeddings(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Leader encodes whatever text is missing; all ranks receive the same tensors."""
-        need_negative = r.use_cfg and r.negative_prompt_embeds is None
-        if r.prompt_embeds is not None and not need_negative:
+        if not self.needs_text(r):
             return r.prompt_embeds, r.negative_prompt_embeds
         shape = (1, self.info.text_len, self.info.text_dim)
         pair, failure = torch.empty((2, *shape)), None
@@ -371,6 +395,36 @@ class CogVideoEngine:
         from .vae_parallel import decode_latents
 
         return decode_latents(self.vae, latents, frames, tiled=tiled)
+
+
+class _TextPreload:
+    """T5 loading on a daemon thread (started while the transformer's weights are copied): its build holds
+    ``CONSTRUCTION_LOCK``, its copy onto the device overlaps the engine's own work."""
+
+    def __init__(self, engine: "CogVideoEngine"):
+        self.seconds: float | None = None
+        self._value = self._error = None
+        resolved, dtype, home, device = engine.resolved, engine.dtype, engine._text_home(), engine.device
+        self._thread = threading.Thread(target=self._run, args=(resolved, dtype, home, device),
+                                        name="xdit-text-preload", daemon=True)
+        self._thread.start()
+
+    def _run(self, resolved, dtype, home, device) -> None:
+        started = time.perf_counter()
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                self._value = load_text_encoder(resolved, dtype, home)
+                if home.type == "cuda":
+                    torch.cuda.synchronize(home)
+        except BaseException as error:  # noqa: BLE001 - raised on the engine's thread by result()
+            self._error = error
+        self.seconds = round(time.perf_counter() - started, 3)
+
+    def result(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 def _plan(memory: "str | MemoryPlan", groups: ParallelGroups) -> MemoryPlan:

@@ -141,6 +141,13 @@ def _lap(timings: dict | None, name: str, since: float, device=None) -> float:
     return now
 
 
+def import_model_classes() -> None:
+    """Import the diffusers and transformers classes the loaders build (1.7 s of a 2-core CPU's first load_s,
+    torch._dynamo and torch._inductor included), for a process that loads a model next."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXPipeline, CogVideoXTransformer3DModel  # noqa: F401
+    from transformers import AutoTokenizer, T5EncoderModel  # noqa: F401
+
+
 def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch.device | str,
                      timings: dict | None = None, on_built: Callable[[], object] | None = None):
     """(transformer, ModelInfo); weights go straight to ``device`` in ``dtype``.

@@ -142,3 +142,55 @@ def test_a_failed_background_probe_is_not_final(monkeypatch, slow_fa4):
     assert ("fa4", "cpu") not in kernels._WORKS
     kernels.kernel_works("fa4", "cpu")  # main thread: decided and cached (here: wrong numbers, so False)
     assert kernels._WORKS[("fa4", "cpu")] is False
+
+
+def test_t5_preload_overlaps_the_transformer_load_and_encodes_the_same(tiny_path, monkeypatch):
+    """preload_text: T5 starts loading on its own thread once the transformer is built (before its weights are
+    copied and optimized); the prompt's embeddings are those of a T5 loaded on demand."""
+    from comfyui_xdit_cogvideo import GenerationRequest
+
+    real = engine_module.load_text_encoder
+    threads = []
+
+    def load(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_text_encoder", load)
+    real_setup = CogVideoEngine._setup
+
+    def setup(self, *args):
+        threads.append(("setup starts; preload started:", self._text_preload is not None))
+        return real_setup(self, *args)
+
+    monkeypatch.setattr(CogVideoEngine, "_setup", setup)
+    eager = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none", preload_text=True)
+    assert threads == [("setup starts; preload started:", True), "xdit-text-preload"] or \
+        threads == ["xdit-text-preload", ("setup starts; preload started:", True)], threads
+    lazy = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none")
+    assert lazy._text_preload is None
+    for a, b in zip(eager.encode_prompt("a cat", "blurry"), lazy.encode_prompt("a cat", "blurry")):
+        assert torch.equal(a, b)
+    request = GenerationRequest(prompt="a dog", frames=9, height=32, width=48, steps=2, seed=3)
+    again = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none", preload_text=True)
+    assert torch.equal(again.generate(request), lazy.generate(request))
+    assert again.timings["text_preload_s"] >= 0 and again.timings["text_load_s"] >= 0
+    assert "text_preload_s" not in lazy.timings
+
+
+def test_a_failed_t5_preload_fails_the_encode_not_the_load(tiny_path, monkeypatch):
+    from comfyui_xdit_cogvideo import GenerationRequest
+    from comfyui_xdit_cogvideo.errors import ModelError
+
+    def broken(*args, **kwargs):
+        raise ModelError("t5xxl.safetensors is truncated")
+
+    monkeypatch.setattr(engine_module, "load_text_encoder", broken)
+    engine = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none", preload_text=True)
+    shape = (1, engine.info.text_len, engine.info.text_dim)
+    with_embeds = GenerationRequest(prompt_embeds=torch.randn(shape), negative_prompt_embeds=torch.randn(shape),
+                                    frames=9, height=32, width=48, steps=1, seed=1)
+    assert not CogVideoEngine.needs_text(with_embeds)
+    engine.generate(with_embeds)  # embeddings given: T5 is never needed
+    with pytest.raises(ModelError, match="truncated"):
+        engine.generate(GenerationRequest(prompt="a cat", frames=9, height=32, width=48, steps=1, seed=1))

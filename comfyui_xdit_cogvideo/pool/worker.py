@@ -205,11 +205,12 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def engine_for(self, spec: p.ModelSpec, report: bool, job: int, plan=None):
+    def engine_for(self, spec: p.ModelSpec, report: bool, job: int, plan=None, text: bool = False):
         """The resident engine for ``spec``, loading it only when the weights, dtype or memory placement changed.
 
         ``plan`` (a memory.MemoryPlan) None: any resident engine of these weights will do (text encoding), else one
-        built under the spec's memory plan (auto = low: the transformer waits on the CPU, T5 visits the GPU)."""
+        built under the spec's memory plan (auto = low: the transformer waits on the CPU, T5 visits the GPU).
+        ``text``: this rank will encode text in this job, so a new engine loads T5 alongside the transformer."""
         from ..engine import CogVideoEngine
         from ..memory import MemoryPlan
         from ..parallel import ParallelGroups
@@ -233,7 +234,7 @@ class Worker:
         try:
             engine = CogVideoEngine(spec.source, dtype=spec.dtype, device=self.device,
                                     groups=ParallelGroups.single(), attention=spec.attention, memory=plan,
-                                    optimize=os.environ.get("XDIT_COGVIDEO_OPTIMIZE") or "auto")
+                                    optimize=os.environ.get("XDIT_COGVIDEO_OPTIMIZE") or "auto", preload_text=text)
         except OSError as error:  # unreadable or truncated weights: the model's fault, not this process's
             raise ModelError(f"cannot load {spec.source.path}: {error}") from error
         except Exception as error:
@@ -337,6 +338,7 @@ class Worker:
             os.kill(os.getpid(), signal.SIGSTOP)
 
     def run_generate(self, job: p.Job):
+        from ..engine import CogVideoEngine
         from ..layout import Layout
         from ..memory import MemoryPlan
         from ..request import GenerationRequest
@@ -347,16 +349,17 @@ class Worker:
         if groups is None:  # a layout smaller than the pool: this rank built the groups and sits the job out
             return None
         plan = MemoryPlan.from_wire(args.get("memory")) or MemoryPlan.default(spec.memory, groups.layout.world_size)
+        request = GenerationRequest(**args["request"])
         started, loads = time.perf_counter(), self.loads
-        engine = self.engine_for(spec, groups.is_leader, job.id, plan)
+        text = groups.is_leader and CogVideoEngine.needs_text(request)  # the leader encodes: T5 loads alongside
+        engine = self.engine_for(spec, groups.is_leader, job.id, plan, text=text)
         loaded = time.perf_counter()
-        self.configure(engine, groups, spec.attention)  # the attention kernel's self-test (FA4 JIT) runs here
+        self.configure(engine, groups, spec.attention)
         engine.set_loras(spec.loras)  # merged in place: the base is never reloaded
         timings = {"job": job.id, "load_s": round(loaded - started, 3), "loaded": self.loads > loads,
                    "configure_s": round(time.perf_counter() - loaded, 3)}
         if timings["loaded"]:  # load_s in parts: transformer read, copy to the device, optimize, attention, LoRAs
             timings["load"] = dict(engine.load_timings)
-        request = GenerationRequest(**args["request"])
         self.state, self.phase = "sampling", "sample"
         clock = {"last": time.perf_counter()}
 
@@ -420,7 +423,7 @@ class Worker:
         return fit_tiling(vae, tuple(latents.shape[-2:]), int(budget.item()))
 
     def run_encode(self, job: p.Job):
-        engine = self.engine_for(p.ModelSpec.from_wire(job.model), True, job.id)
+        engine = self.engine_for(p.ModelSpec.from_wire(job.model), True, job.id, text=True)
         self.state, self.phase = "encoding", "encode"
         self.send(p.Event(job.id, "encode", 0, 1))
         positive, negative = engine.encode_prompt(job.args["prompt"], job.args.get("negative", ""))
@@ -554,11 +557,6 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
     backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
-    from ..parallel.kernels import probe_kernel
-
-    # The attention kernel's self-test (flash-attn's import and JIT, seconds) runs on a thread from here on, while
-    # this worker connects, waits for its first job and loads the weights; the job's engine waits for its answer.
-    startup["kernel_probe"] = probe_kernel(device)
 
     startup["imports_s"] = round(time.perf_counter() - begun, 3)
     # Connect only now that the slow imports are done: the pool gives each connection HANDSHAKE_TIMEOUT to say hello.
@@ -596,7 +594,14 @@ def main(argv: list[str] | None = None) -> int:
     mark = time.perf_counter()
     for module in ("..engine", "..vae_parallel"):  # imported now, not by the first job: its deadline is for work
         importlib.import_module(module, __package__)
+    from ..loading import import_model_classes
+    from ..parallel.kernels import probe_kernel
+
+    import_model_classes()  # diffusers' and transformers' model modules: seconds the first load_s would hide
     startup["engine_imports_s"] = round(time.perf_counter() - mark, 3)
+    # The attention kernel's self-test (flash-attn's import and JIT, seconds) runs on a thread from here on, while
+    # this worker waits for its first job and loads the weights; the job's engine waits for its answer.
+    startup["kernel_probe"] = probe_kernel(device)
 
     worker.state = "idle"
     worker.send(worker.snapshot())  # before Ready, so the pool's first status already has it
