@@ -60,6 +60,9 @@ def child(kind: str, folder: str, device: str, dtype_name: str, optimize: str) -
             torch.cuda.synchronize(device)
         row = {"load_s": round(time.perf_counter() - started, 3)}
     else:
+        from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel  # noqa: F401 - as the diffusers rows:
+        from transformers import T5EncoderModel  # noqa: F401 - imports before the clock (a worker's start-up)
+
         from comfyui_xdit_cogvideo.engine import CogVideoEngine
 
         started = time.perf_counter()
@@ -107,6 +110,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--rows", default="diffusers_transformer,diffusers_pipeline,ours_transformer,ours_text")
     p.add_argument("--out", required=True)
+    p.add_argument("--code", default=None, help="import comfyui_xdit_cogvideo from this folder (e.g. an older "
+                   "commit's export, for before/after on one folder)")
     args = p.parse_args(argv)
     folder = Path(args.folder)
     if not (folder / "model_index.json").exists():
@@ -116,17 +121,22 @@ def main(argv=None) -> None:
     out = {"command": " ".join(sys.argv), "folder": str(folder), "device": args.device, "optimize": args.optimize,
            "bytes": {p.name: sum(f.stat().st_size for f in p.rglob("*.safetensors")) for p in folder.iterdir()
                      if p.is_dir()}, "rows": {}}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [args.code or str(ROOT),
+                                                                    os.environ.get("PYTHONPATH")])))
     for repeat in range(args.repeat):
         for kind in args.rows.split(","):
             result = subprocess.run([sys.executable, __file__, "--child", kind, str(folder), args.device, args.dtype,
                                      args.optimize], capture_output=True, text=True, timeout=1800,
-                                    env=dict(os.environ))
+                                    env=env, cwd=args.code or ROOT)
             if result.returncode:
                 raise SystemExit(f"{kind} failed:\n{result.stderr[-3000:]}")
             row = json.loads(result.stdout.strip().splitlines()[-1])
             out["rows"].setdefault(kind, []).append(row)
             print(f"[{repeat}] {kind}: {json.dumps(row)}", flush=True)
+            out["best_load_and_touch_s"] = {k: min(r["load_and_touch_s"] for r in rows)
+                                            for k, rows in out["rows"].items()}
             Path(args.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out["best_load_and_touch_s"]))
 
 
 if __name__ == "__main__":
