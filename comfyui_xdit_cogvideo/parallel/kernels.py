@@ -216,10 +216,9 @@ def probe_kernel(device: torch.device | str) -> bool:
         if not _needs_self_test(device):
             return False
         # flash-attn-4 imports torch._dynamo and torch._inductor (with sympy: half its import time), which the
-        # engine imports too (compile), and yunchang (our attention) imports the flash_attn package: imported here,
-        # on the caller's thread, the two threads never import the same module at once (a concurrent circular
-        # import can leave a module half-initialised)
-        for module in ("torch._dynamo", "torch._inductor", f"{__package__}.attention"):
+        # engine imports too (compile): imported here, on the caller's thread, the two threads never import the
+        # same module at once (a concurrent circular import can leave a module half-initialised)
+        for module in ("torch._dynamo", "torch._inductor"):
             importlib.import_module(module)
 
         probe: dict = {}
