@@ -34,8 +34,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_folder_args, json_document, log, model_spec  # noqa: E402
-from pool_bench import PROMPT, build_folder  # noqa: E402
+from common import add_folder_args, json_document, log  # noqa: E402
+from pool_bench import PROMPT, model_folders  # noqa: E402
 
 os.environ["XDIT_COGVIDEO_COMPILE"] = "auto"  # the default policy is what this measures (common.py sets always)
 
@@ -157,14 +157,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out, save = json_document(args)
 
-    root = Path(args.models_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in [m for m in args.models.split(",") if m]:
-        size = model_spec(name, args.tiny)["size"]
+    for name, size, folder, build_s in model_folders(args):
         res = out["models"].setdefault(name, {"size": size, "steps": args.steps})
-        t = time.perf_counter()
-        folder = build_folder(name, root, args.tiny, "cuda:0" if args.device == "cuda" else "cpu")
-        res["folder_build_s"] = round(time.perf_counter() - t, 1)
+        res["folder_build_s"] = build_s
         cache_root = Path(args.cache_root or tempfile.mkdtemp(prefix="xdit-cold-")) / name
         res["caches"] = fresh_caches(cache_root)
         if not args.no_diffusers:

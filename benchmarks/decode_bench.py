@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_folder_args, build_vae, compare, json_document, log, model_spec  # noqa: E402
+from pool_bench import model_folders  # noqa: E402
 
 
 def build_folder(name: str, root: Path, tiny: bool, device: str) -> Path:
@@ -183,12 +184,9 @@ def main(argv=None) -> None:
 
     out, save = json_document(args)
 
-    root = Path(args.models_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in [m for m in args.models.split(",") if m]:
-        frames, height, width = model_spec(name, args.tiny)["size"]
+    for name, size, folder, _ in model_folders(args, build_folder):
+        frames, height, width = size
         res = out["models"].setdefault(name, {"size": [frames, height, width]})
-        folder = build_folder(name, root, args.tiny, "cuda:0" if args.device == "cuda" else "cpu")
         channels = model_spec(name, args.tiny)["transformer"]["out_channels"]
         latents = torch.randn(1, (frames - 1) // 4 + 1, channels, height // 8, width // 8,
                               generator=torch.Generator().manual_seed(0))

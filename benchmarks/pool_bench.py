@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (add_folder_args, build_text_encoder, build_transformer, build_vae, compare,  # noqa: E402
-                    json_document, log, scheduler_for)
+                    json_document, log, model_spec, scheduler_for)
 
 PROMPT = "a red fox running through fresh snow, cinematic"
 DECODE_TILED = {"auto": None, "tiled": True, "plain": False}
@@ -59,6 +59,17 @@ def build_folder(name: str, root: Path, tiny: bool, device: str) -> Path:
 def step_seconds(stamps: list[float], warmup: int) -> float | None:
     gaps = [b - a for a, b in zip(stamps, stamps[1:])][warmup:]
     return round(statistics.median(gaps), 4) if gaps else None
+
+
+def model_folders(args, build=build_folder):
+    """For each of ``--models``: (name, size [frames, height, width], its random-weight folder under
+    ``--models-dir``, made by ``build`` on the first GPU or the CPU when missing, seconds that took)."""
+    root = Path(args.models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in [m for m in args.models.split(",") if m]:
+        t = time.perf_counter()
+        folder = build(name, root, args.tiny, "cuda:0" if args.device == "cuda" else "cpu")
+        yield name, model_spec(name, args.tiny)["size"], folder, round(time.perf_counter() - t, 1)
 
 
 @torch.no_grad()
@@ -187,18 +198,11 @@ def main(argv=None) -> None:
                    help="auto: the pool's own choice (the default users get); tiled / plain force one")
     add_folder_args(p)
     args = p.parse_args(argv)
-    from common import model_spec
-
     out, save = json_document(args)
 
-    root = Path(args.models_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    for name in [m for m in args.models.split(",") if m]:
-        size = model_spec(name, args.tiny)["size"]
+    for name, size, folder, build_s in model_folders(args):
         res = out["models"].setdefault(name, {"size": size})
-        t = time.perf_counter()
-        folder = build_folder(name, root, args.tiny, "cuda:0" if args.device == "cuda" else "cpu")
-        res["folder_build_s"] = round(time.perf_counter() - t, 1)
+        res["folder_build_s"] = build_s
         refs: dict = {}
         if not args.no_diffusers:
             res["diffusers"], refs["diffusers"] = diffusers_job(folder, args, size)
