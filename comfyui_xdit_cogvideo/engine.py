@@ -135,10 +135,8 @@ class CogVideoEngine:
     def set_loras(self, loras) -> None:
         """Merge exactly these LoRAs (``LoraSpec``, ``(path, strength)`` or ``"FILE[:STRENGTH]"``) into the resident
         weights, replacing the previous set; the base model is never reloaded (``comfyui_xdit_cogvideo.lora``)."""
-        from .lora import as_specs
-
-        if tuple(s for s in as_specs(loras) if s.strength != 0) == self.lora.specs:
-            return  # nothing changes (LoraManager.set's own test): no need to wait for a T5 preload's build
+        if self.lora.is_current(loras):
+            return  # nothing changes: no need to wait for a T5 preload's build
         with CONSTRUCTION_LOCK:  # LoRA conversion makes tensors in the default dtype: not during a T5 preload's build
             self.lora.set(loras)
 

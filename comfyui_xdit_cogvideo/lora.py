@@ -568,6 +568,11 @@ class _Prepared:
     targets: dict[str, str]  # module name in file -> diffusers name
 
 
+def _effective(loras) -> tuple:
+    """The specs of ``loras`` that change weights (strength 0 ones do nothing)."""
+    return tuple(s for s in as_specs(loras) if s.strength != 0)
+
+
 class LoraManager:
     """The LoRAs merged into one resident transformer, and the saved originals that make switching exact."""
 
@@ -639,10 +644,14 @@ class LoraManager:
         return _Prepared(spec, lora, matched)
 
     @torch.no_grad()
+    def is_current(self, loras) -> bool:
+        """Whether ``loras`` is exactly the active set (strength 0 entries skipped): ``set`` would change nothing."""
+        return _effective(loras) == self.specs
+
     def set(self, loras) -> None:
         """Make exactly ``loras`` active (strength 0 entries are skipped). Everything is checked before any
         weight changes, so a bad LoRA leaves the previous set in place."""
-        specs = tuple(s for s in as_specs(loras) if s.strength != 0)
+        specs = _effective(loras)
         if specs == self.specs:
             return
         prepared = [self._prepare(s) for s in specs]
