@@ -170,7 +170,9 @@ def fit_tiling(vae, latents_hw: tuple[int, int], budget: int | None, frames: int
 # cut that frame into 9 tiles of unequal size (3 x 3, the last row and column narrow) decoded in rounds of one tile
 # per rank, each round as slow as its largest tile: 2 ranks need 62% of the one-rank time (2.5 s predicted, as
 # measured: untiled wins), 3 ranks 42% (about 1.7 s), 4 ranks 38%. So tiling is predicted to win from 3 ranks on;
-# benchmarks/decode_bench.py measures it (untiled vs tiled over 1, 2, ... ranks).
+# benchmarks/decode_bench.py measures it (untiled vs tiled over 1, 2, ... ranks). Since the bf16 return (session 5,
+# 2026-11-30): untiled 2.35 s, tiled over 2 ranks 2.21 s; 2 ranks stay untiled, since tiling changes the frames
+# (tile blending) for 1% of a 2-GPU job.
 TILED_DECODE_MIN_RANKS = 3
 
 
