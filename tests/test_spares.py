@@ -240,3 +240,19 @@ def test_the_cli_runs_on_its_prestarted_workers_and_leaves_no_process(tiny_path,
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1 and stderr.strip().startswith("error: "), stderr
     assert _all_gone(list(seen) + _spares_of(proc.pid), 10)
+
+
+def test_a_spare_that_fails_on_its_own_is_dropped_with_its_reason(tmp_path, monkeypatch, caplog):
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'ImportError: no module named torch'\nexit 3\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(spares.sys, "executable", str(fake))
+    prestart("cpu:1")
+    pid = _spare_pids()[0]
+    assert _all_gone([pid], 10)
+    assert wait_spares(10)  # a dead spare is not waited for
+    with caplog.at_level("WARNING", logger=spares.__name__):
+        assert spares.count() == 0
+        assert prestart("cpu:1") == 1  # the slot is free again (the new one fails the same way)
+    assert f"spare worker (pid {pid}) exited with code 3 before it was used" in caplog.text
+    assert "ImportError: no module named torch" in caplog.text

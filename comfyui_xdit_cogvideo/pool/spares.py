@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 
 from .devices import cpu_count, parse_devices
-from .launch import SIGKILL, Rank, emit_line, signal_ranks, worker_environment
+from .launch import SIGKILL, Rank, describe_exit, emit_line, error_lines, signal_ranks, worker_environment
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,13 @@ def _prune_locked() -> None:
     dead = [s for s in _SPARES if not s.alive()]
     for spare in dead:
         _SPARES.remove(spare)
+        code = spare.rank.proc.returncode
+        if code not in (0, -SIGKILL):  # it failed on its own (an import error?): say why, once
+            spare.rank.pump.join(1.0)
+            with spare.lock:
+                why = error_lines(spare.pending)
+            log.warning("a spare worker (pid %d) %s before it was used%s", spare.rank.pid, describe_exit(code),
+                        f":\n{why}" if why else "")
     if dead:
         _kill(dead)  # reaps them
 
