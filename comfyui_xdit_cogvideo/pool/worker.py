@@ -592,12 +592,24 @@ def _spare(argv: list[str]) -> int:
     return _serve(_parser().parse_args(worker_argv), startup)
 
 
+def _target(args: argparse.Namespace) -> tuple[bytes, str, int]:
+    """(pool key, controller host, port); exits with a one-line error when either is unusable."""
+    try:
+        key = check_key(os.environ.get("XDIT_COGVIDEO_POOL_KEY", "").encode())
+    except ConnectionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    host, port = _parse_address(args.connect)
+    return key, host, port
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--spare"]:
         return _spare(argv[1:])
     args = _parser().parse_args(argv)
     startup = {"spawn_s": _process_age()}  # interpreter start and our package's import, before main()
+    _target(args)  # a missing key or a bad address fails before seconds of imports
     _imports(startup)
     return _serve(args, startup)
 
@@ -615,12 +627,7 @@ def _serve(args: argparse.Namespace, startup: dict) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"[xdit-cogvideo worker {rank}] %(levelname)s %(message)s")
     _environment_defaults()
-    try:
-        key = check_key(os.environ.get("XDIT_COGVIDEO_POOL_KEY", "").encode())
-    except ConnectionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    host, port = _parse_address(args.connect)
+    key, host, port = _target(args)
     connect_deadline = time.monotonic() + args.connect_timeout
     if args.threads:  # after the imports (a spare imported under a placeholder OMP_NUM_THREADS)
         torch.set_num_threads(args.threads)
