@@ -15,6 +15,9 @@ T5 runs; 50 steps; decode), all on the wall clock from the caller:
    for the compile policy's background warm-up and run a ``second_job`` in the same pool.
 3. ``compiled_machine``: a new pool on the same caches: submit to first step, and the whole first job.
 4. ``warm``: one more job in that pool.
+5. ``prestarted``: a new pool on the same caches whose worker processes were prestarted (``pool.prestart``, as a
+   ComfyUI server or the CLI does before the first job) and had finished their imports (``wait_spares``), timed
+   from submit like the others; ``spare_wait`` says how long the spares took to get ready.
 
 Each pool entry carries the pool's own account (``status()``: worker start-up phases, load, compile policy
 decision with cache counters and first-block timings, first step) so the time goes somewhere named.
@@ -101,7 +104,11 @@ class Pool:
 
         self.args, self.size = args, size
         self.spec = ModelSpec(str(folder), dtype="bf16" if args.device == "cuda" else "fp32")
-        self.pool = WorkerPool("0" if args.device == "cuda" else "cpu:1")
+        self.pool = WorkerPool(self.devices(args))
+
+    @staticmethod
+    def devices(args) -> str:
+        return "0" if args.device == "cuda" else "cpu:1"
 
     def job(self) -> dict:
         from comfyui_xdit_cogvideo import GenerationRequest
@@ -185,10 +192,24 @@ def main(argv=None) -> None:
             log(f"{name} warm: {json.dumps(res['warm'])[:300]}")
         finally:
             pool.close()
+        from comfyui_xdit_cogvideo.pool import prestart, shutdown_spares, wait_spares
+
+        t = time.perf_counter()
+        prestart(Pool.devices(args))
+        ready = wait_spares(300)
+        res["spare_wait"] = {"ready": ready, "waited_s": round(time.perf_counter() - t, 2)}
+        pool = Pool(folder, args, size)
+        try:
+            res["prestarted"] = pool.job()
+            log(f"{name} prestarted: {json.dumps(res['prestarted'])[:600]}")
+        finally:
+            pool.close()
+            shutdown_spares()
         d = res.get("diffusers", {})
         res["ratios_vs_diffusers"] = {
             "never_compiled_first_job": ratio(d.get("first_job_s"), res["never_compiled"]["whole_s"]),
             "compiled_machine_first_job": ratio(d.get("first_job_s"), res["compiled_machine"]["whole_s"]),
+            "compiled_machine_prestarted_first_job": ratio(d.get("first_job_s"), res["prestarted"]["whole_s"]),
             "warm_job_vs_diffusers_job_after_load": ratio(d.get("job_s"), res["warm"]["whole_s"]),
             "never_compiled_first_job_frames": ratio(d.get("first_job_frames_s"), res["never_compiled"]["whole_s"]),
             "compiled_machine_first_job_frames": ratio(d.get("first_job_frames_s"),

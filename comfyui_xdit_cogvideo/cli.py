@@ -125,7 +125,36 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     with contextlib.ExitStack() as stack:
         if not getattr(args, "verbose", False):
             stack.enter_context(_third_party_quiet())
+        if args.command == "generate":
+            _prestart(args)  # in the quiet environment the pool's workers will get
         return _run(args)
+
+
+def _prestart(args) -> None:
+    """Start the workers' processes now (pool.spares), so they import torch and the engine while this process
+    imports and checks the inputs; a failing check leaves none behind (the pool's exit handlers kill them). On a
+    thread: finding the GPUs imports torch. Devices it cannot tell without torch are left to the pool."""
+    import threading
+
+    if args.device == "cpu":
+        devices = f"cpu:{args.world_size or 1}" if (args.world_size or 1) >= 1 else None
+    elif args.gpus:
+        devices = args.gpus
+    elif args.world_size:
+        devices = ",".join(str(i) for i in range(args.world_size)) if args.device == "cuda" else None
+    else:
+        devices = "auto" if args.device is None else "cuda"
+
+    def run() -> None:
+        from .pool import prestart
+
+        try:
+            prestart(devices)
+        except Exception:  # a bad device string is reported by the checks below; the pool then spawns as usual
+            pass
+
+    if devices is not None:
+        threading.Thread(target=run, daemon=True, name="xdit-prestart").start()
 
 
 # Read by huggingface_hub, transformers, diffusers, tqdm and Python itself, here and in the workers (which inherit
@@ -173,9 +202,10 @@ def _run(args) -> int:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 1
     finally:
-        from .pool import shutdown_pool
+        from .pool import shutdown_pool, shutdown_spares
 
         shutdown_pool()
+        shutdown_spares()  # spares the pool did not take (a failed check, fewer ranks than prestarted)
 
 
 def _one_line(error: BaseException) -> str:

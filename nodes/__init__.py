@@ -1,7 +1,9 @@
 """ComfyUI nodes for multi-GPU CogVideoX (V3 node API: ``comfy_api.latest``).
 
-Importing this package registers the ``CogVideo`` model folder and two HTTP routes, nothing more: the engine and
-its worker pool are imported and started by the first node that runs.
+Importing this package registers the ``CogVideo`` model folder and two HTTP routes and, on a machine with CUDA GPUs,
+asks the engine to prestart the pool's worker processes on a background thread (their imports then happen long
+before the first job; ``XDIT_COGVIDEO_PRESTART=0`` turns this off, ``=1`` also allows CPU ranks). The engine itself
+is imported and the pool started by the first node that runs.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing_extensions import override
 
 from comfy_api.latest import ComfyExtension, io
 
+from .common import prestart_workers
 from .lora import LoraLoader
 from .models import ModelLoader, register_folders
 from .parallel import ParallelConfigNode
@@ -24,6 +27,7 @@ NODES: list[type[io.ComfyNode]] = [
 
 register_folders()
 register_routes()
+prestart_workers()
 
 
 class XDiTCogVideoExtension(ComfyExtension):

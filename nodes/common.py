@@ -1,12 +1,14 @@
 """Shared pieces of the ComfyUI nodes: custom socket types, lazy engine/pool access, the progress pump.
 
 Nothing here starts a process or imports the engine at import time: ``comfyui_xdit_cogvideo`` (which pulls in
-the parallel engine) and its pool are imported inside the functions that need them, the first time a node runs.
+the parallel engine) and its pool are imported inside the functions that need them, the first time a node runs
+(``prestart_workers`` only imports the pool's light package and asks it to prestart workers on a thread).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -118,6 +120,17 @@ def check_parallel(parallel: ParallelConfig, model, use_cfg: bool = True):
     info = read_model_info(model.source)
     return choose_layout(world, heads=info.heads, use_cfg=use_cfg, cfg=parallel.cfg, ulysses=parallel.ulysses,
                          ring=parallel.ring)
+
+
+def prestart_workers() -> None:
+    """At extension load: the engine prestarts the pool's workers for "auto" on a thread (pool.spares), unless
+    XDIT_COGVIDEO_PRESTART=0. Never fails the import: a problem is logged once and the first job starts them."""
+    if os.environ.get("XDIT_COGVIDEO_PRESTART", "").strip() == "0":
+        return
+    try:
+        pool_module().prestart_in_background("auto")
+    except Exception as error:
+        log.warning("xdit-cogvideo: could not prestart workers: %s", error)
 
 
 def current_pool():

@@ -41,7 +41,9 @@ class Server:
     def __init__(self, base: Path, port: int):
         self.base, self.url = base, f"http://127.0.0.1:{port}"
         log = open(base / "comfyui.log", "wb")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        # XDIT_COGVIDEO_PRESTART=1: the extension prestarts a worker for "auto" (one CPU rank here) at load
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+                   XDIT_COGVIDEO_PRESTART="1")
         self.proc = subprocess.Popen(
             [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--base-directory", str(base), "--disable-auto-launch"],
@@ -246,6 +248,9 @@ def test_t2v_api_workflow_writes_the_mp4(server):
     assert status["running"] is True and status["state"] == "idle" and status["world_size"] >= 1
     # the decode's automatic choice (CPU ranks: no device limit, untiled on rank 0), reported in the pool status
     assert status["last_decode"].startswith("untiled on rank 0: needs "), status["last_decode"]
+    # the first job ran on the worker the extension prestarted at load: ComfyUI changed nothing in the environment
+    # the workers get between loading the extension and running the job
+    assert [r["prestarted"] for r in status["ranks"]] == [True], status["ranks"]
     server.worker_pids = [r["pid"] for r in status["ranks"]]
 
 

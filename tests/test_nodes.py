@@ -101,7 +101,8 @@ def sample(comfy, spec, embeds, parallel, uid="7", **overrides):
 
 # ---- package and schemas ------------------------------------------------------------------------------------------
 def test_import_registers_v3_entrypoint_and_starts_nothing(tmp_path):
-    """Importing the package as ComfyUI does pulls in neither the engine nor the pool and starts no process."""
+    """Importing the package as ComfyUI does pulls in neither the engine nor the pool and starts no process
+    (with prestarting off)."""
     code = f"""
 import sys, threading, json, os
 sys.path.insert(0, {str(ROOT / 'tests')!r})
@@ -122,7 +123,9 @@ with comfy_stubs(Path({str(tmp_path)!r})) as c:
         "routes": sorted(p for _, p in c.server.routes.table),
     }}))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    env = dict(os.environ, XDIT_COGVIDEO_PRESTART="0")  # prestarting spares: tests/test_spares.py
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env=env)
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info == {"engine": False, "pool": False, "threads": 0, "children": 0, "v1": False, "entry": True,

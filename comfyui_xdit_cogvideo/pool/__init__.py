@@ -8,8 +8,9 @@
 
 Where each concern lives: ``devices`` (what a pool runs on, bounds, device locks), ``launch`` (local worker
 processes), ``channel`` (authenticated frames), ``protocol`` (every message), ``job`` (one job, its deadlines),
-``controller`` (lifecycle, monitor, status), ``registry`` (the process-wide pool, exit handlers), ``worker``
-(one rank). Names are imported lazily: importing this package loads neither torch.distributed nor diffusers.
+``controller`` (lifecycle, monitor, status), ``registry`` (the process-wide pool, exit handlers), ``spares``
+(workers started and imported before a pool needs them), ``worker`` (one rank). Names are imported lazily:
+importing this package loads neither torch.distributed nor diffusers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ _EXPORTS = {
     "WorkerPool": "controller", "ModelSpec": "protocol", "ProgressEvent": "protocol",
     "PoolDevices": "devices", "parse_devices": "devices", "worker_environment": "launch",
     "get_pool": "registry", "shutdown_pool": "registry", "current_pool": "registry",
-    "install_exit_handlers": "registry",
+    "install_exit_handlers": "registry", "prestart": "spares", "wait_spares": "spares",
+    "shutdown_spares": "spares", "prestart_in_background": "spares",
 }
 _ERRORS = ("PoolError", "PoolStalled", "WorkerError")
 

@@ -646,7 +646,7 @@ class WorkerPool:
                     "state": hb.get("state", entry.state) if entry.ready else "starting",
                     "memory": dict(hb.get("memory") or {}), "loads": hb.get("loads", 0),
                     "vae_loads": hb.get("vae_loads", 0), "step": list(hb.get("step") or [0, 0]),
-                    "last_seen_s": round(now - entry.last_seen, 2),
+                    "last_seen_s": round(now - entry.last_seen, 2), "prestarted": entry.prestarted,
                 })
             leader = self._ranks[0].heartbeat if self._ranks else {}
             state = self._state

@@ -131,6 +131,7 @@ class Rank:
     heartbeat: dict = field(default_factory=dict)
     output: collections.deque = field(default_factory=lambda: collections.deque(maxlen=200))
     pump: threading.Thread | None = None
+    prestarted: bool = False  # a spare (pool.spares) took this rank: its imports were done before the pool started
 
     def where(self) -> str:
         parts = [p for p in (self.device, f"pid {self.pid}" if self.pid else "",
@@ -144,29 +145,39 @@ class Rank:
         return error_lines(list(self.output))
 
 
+def emit_line(rank: Rank, line: str, echo: bool) -> None:
+    """Keep one line of a worker's output (for errors) and echo it to our stderr."""
+    rank.output.append(line)
+    if not echo:
+        return
+    try:
+        sys.stderr.write(line + "\n" if line.startswith("[xdit-cogvideo") else f"[xdit-cogvideo worker {rank.rank}] {line}\n")
+    except (ValueError, OSError):
+        pass
+
+
 def _pump_output(stream, rank: Rank, echo: bool) -> None:
     """Keep the last lines of a worker's output (for errors) and echo them to our stderr."""
     for raw in iter(stream.readline, b""):
-        line = raw.decode(errors="replace").rstrip()
-        rank.output.append(line)
-        if not echo:
-            continue
-        try:
-            sys.stderr.write(line + "\n" if line.startswith("[xdit-cogvideo") else f"[xdit-cogvideo worker {rank.rank}] {line}\n")
-        except (ValueError, OSError):
-            pass
+        emit_line(rank, raw.decode(errors="replace").rstrip(), echo)
     stream.close()
 
 
 def spawn(rank: int, world: int, *, gpu: str | None, backend: str, port: int, threads: int | str, key: str,
           connect_timeout: float, echo: bool) -> Rank:
-    """Start one local worker process (its own session, so a signal to its group takes any helpers with it)."""
+    """Start one local worker process (its own session, so a signal to its group takes any helpers with it), or
+    hand the job to a prestarted spare of the same slot (pool.spares) when one with this environment is waiting."""
+    from .spares import take
+
     env = worker_environment(os.environ, rank=rank, world_size=world, gpu=gpu, master_port=0, threads=threads,
                              key=key)
     command = [sys.executable, "-m", "comfyui_xdit_cogvideo.pool.worker", "--connect", f"127.0.0.1:{port}",
                "--rank", str(rank), "--world-size", str(world), "--device", "cuda:0" if gpu is not None else "cpu",
                "--backend", backend, "--parent-pid", str(os.getpid()), "--threads", str(threads),
                "--connect-timeout", str(connect_timeout)]
+    entry = take(rank, gpu=gpu, env=env, argv=command[3:], echo=echo)
+    if entry is not None:
+        return entry
     proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     entry = Rank(rank, proc=proc, pid=proc.pid, device=f"cuda:{gpu}" if gpu is not None else "cpu")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import signal
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING
@@ -62,16 +63,27 @@ def shutdown_pool() -> None:
         pool.shutdown()
 
 
+def _spares():
+    """pool.spares if this process ever used it (never imported just to find nothing)."""
+    return sys.modules.get(__name__.rpartition(".")[0] + ".spares")
+
+
 def _shutdown_all() -> None:
     for pool in list(_live_pools):
         try:
             pool.shutdown()
         except Exception:  # never fail interpreter exit
             pass
+    spares = _spares()
+    if spares is not None:
+        try:
+            spares.shutdown_spares(final=True)
+        except Exception:
+            pass
 
 
 def install_exit_handlers() -> None:
-    """Stop every pool when this process ends: atexit, and SIGTERM/SIGINT/SIGHUP handlers that kill the
+    """Stop every pool (and kill every prestarted spare worker) when this process ends: atexit, and SIGTERM/SIGINT/SIGHUP handlers that kill the
     workers and then run whatever handler was installed before (SIG_DFL: the default action).
 
     Called by every new pool; signal handlers can only be installed from the main thread, so a host that
@@ -102,6 +114,9 @@ def _make_handler(signum, previous):
     def handler(sig, frame):
         for pool in list(_live_pools):
             pool._kill_now()
+        spares = _spares()
+        if spares is not None:
+            spares.kill_spares_now()
         if callable(previous):
             return previous(sig, frame)
         # SIG_DFL: let the default action happen (terminate with this signal)

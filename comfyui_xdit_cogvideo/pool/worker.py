@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib
+import json
 import logging
 import os
 import shutil
@@ -503,7 +504,7 @@ def _connect(host: str, port: int, key: bytes, deadline: float, parent_pid: int 
             time.sleep(0.25)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m comfyui_xdit_cogvideo worker",
         description="A worker rank of the xDiT CogVideoX pool. Normally started by the pool itself; start it "
@@ -517,28 +518,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--connect-timeout", type=float, default=600.0,
                         help="seconds to keep retrying the controller (default 600)")
-    args = parser.parse_args(argv)
-    begun = time.perf_counter()
-    startup = {"spawn_s": _process_age()}  # interpreter start and our package's import, before main()
+    return parser
 
-    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
-    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    remote = args.parent_pid is None
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format=f"[xdit-cogvideo worker {rank}] %(levelname)s %(message)s")
+
+def _environment_defaults() -> None:
     for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "DIFFUSERS_VERBOSITY_PROGRESS"):
         os.environ.setdefault(name, "1")
     os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")  # a failed NCCL call ends the process
-    try:
-        key = check_key(os.environ.get("XDIT_COGVIDEO_POOL_KEY", "").encode())
-    except ConnectionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    host, port = _parse_address(args.connect)
-    connect_deadline = time.monotonic() + args.connect_timeout
 
-    import torch
-    import torch.distributed as dist
+
+def _imports(startup: dict) -> None:
+    """Everything a rank imports that needs neither its rank, its device nor the controller (and initialises no
+    CUDA): done before connecting, or by a spare before it is assigned. Records imports_s and engine_imports_s."""
+    _environment_defaults()
+    mark = time.perf_counter()
+    import torch  # noqa: F401
+    import torch.distributed  # noqa: F401
 
     try:
         from diffusers.utils import logging as diffusers_logging
@@ -548,7 +543,93 @@ def main(argv: list[str] | None = None) -> int:
         transformers_logging.disable_progress_bar()
     except Exception:  # progress bars are cosmetic
         pass
-    if args.threads:
+    startup["imports_s"] = round(time.perf_counter() - mark, 3)
+    mark = time.perf_counter()
+    for module in ("..engine", "..vae_parallel", "..parallel.kernels"):  # not by the first job: its deadline is
+        importlib.import_module(module, __package__)  # for work
+    from ..loading import import_model_classes
+
+    import_model_classes()  # diffusers' and transformers' model modules: seconds the first load_s would hide
+    startup["engine_imports_s"] = round(time.perf_counter() - mark, 3)
+
+
+def _spare(argv: list[str]) -> int:
+    """``--spare --parent-pid PID``: import, print the ready line, then wait for one assignment on stdin
+    (a JSON line {"argv": [...], "env": {...}} from pool.spares.take) and serve as that worker. EOF: exit quietly."""
+    parser = argparse.ArgumentParser(prog="python -m comfyui_xdit_cogvideo.pool.worker --spare")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    startup = {"spawn_s": _process_age(), "prestarted": True}
+
+    assigned = threading.Event()
+
+    def watch_parent() -> None:  # while importing and waiting (stdin EOF only comes once we read it); once
+        while not assigned.wait(0.25):  # assigned, the worker's own watchdog takes over
+            if os.getppid() != args.parent_pid:
+                _quit(0)
+
+    threading.Thread(target=watch_parent, daemon=True, name="spare-watchdog").start()
+    _imports(startup)
+    from .spares import READY_LINE
+
+    print(READY_LINE, flush=True)
+    waited = time.perf_counter()
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0  # EOF: whoever started us closed our stdin or died
+    try:
+        assignment = json.loads(line)
+        worker_argv, env = assignment["argv"], assignment["env"]
+        if not (isinstance(worker_argv, list) and isinstance(env, dict)):
+            raise ValueError("argv must be a list and env an object")
+    except (ValueError, KeyError, TypeError) as error:
+        print(f"error: bad spare assignment: {error}", file=sys.stderr)
+        return 2
+    assigned.set()
+    startup["spare_wait_s"] = round(time.perf_counter() - waited, 3)
+    os.environ.clear()
+    os.environ.update({str(k): str(v) for k, v in env.items()})
+    return _serve(_parser().parse_args(worker_argv), startup)
+
+
+def _target(args: argparse.Namespace) -> tuple[bytes, str, int]:
+    """(pool key, controller host, port); exits with a one-line error when either is unusable."""
+    try:
+        key = check_key(os.environ.get("XDIT_COGVIDEO_POOL_KEY", "").encode())
+    except ConnectionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    host, port = _parse_address(args.connect)
+    return key, host, port
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--spare"]:
+        return _spare(argv[1:])
+    args = _parser().parse_args(argv)
+    startup = {"spawn_s": _process_age()}  # interpreter start and our package's import, before main()
+    _target(args)  # a missing key or a bad address fails before seconds of imports
+    _imports(startup)
+    return _serve(args, startup)
+
+
+def _serve(args: argparse.Namespace, startup: dict) -> int:
+    """Connect, join the process group and run jobs (imports done: see ``_imports``)."""
+    import torch
+    import torch.distributed as dist
+
+    from ..parallel.kernels import probe_kernel
+
+    rank = args.rank if args.rank is not None else int(os.environ.get("RANK", "0"))
+    world = args.world_size if args.world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    remote = args.parent_pid is None
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format=f"[xdit-cogvideo worker {rank}] %(levelname)s %(message)s")
+    _environment_defaults()
+    key, host, port = _target(args)
+    connect_deadline = time.monotonic() + args.connect_timeout
+    if args.threads:  # after the imports (a spare imported under a placeholder OMP_NUM_THREADS)
         torch.set_num_threads(args.threads)
     device = args.device
     if device is None:
@@ -558,7 +639,6 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda", 0)
     backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
 
-    startup["imports_s"] = round(time.perf_counter() - begun, 3)
     # Connect only now that the slow imports are done: the pool gives each connection HANDSHAKE_TIMEOUT to say hello.
     channel = _connect(host, port, key, connect_deadline, args.parent_pid)
     channel.send(p.Hello(rank=rank, world=world, pid=os.getpid(), host=socket.gethostname(), device=str(device),
@@ -591,14 +671,6 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
         return 1
     startup["process_group_s"] = round(time.perf_counter() - mark, 3)
-    mark = time.perf_counter()
-    for module in ("..engine", "..vae_parallel"):  # imported now, not by the first job: its deadline is for work
-        importlib.import_module(module, __package__)
-    from ..loading import import_model_classes
-    from ..parallel.kernels import probe_kernel
-
-    import_model_classes()  # diffusers' and transformers' model modules: seconds the first load_s would hide
-    startup["engine_imports_s"] = round(time.perf_counter() - mark, 3)
     # The attention kernel's self-test (flash-attn's import and JIT, seconds) runs on a thread from here on, while
     # this worker waits for its first job and loads the weights; the job's engine waits for its answer.
     startup["kernel_probe"] = probe_kernel(device)
