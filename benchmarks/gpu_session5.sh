@@ -20,7 +20,7 @@ if [ "$part" = W ]; then
       -lms 500 > "$OUT/W_clocks.csv" 2>&1 &
   CLOCKS_PID=$!
   CUDA_VISIBLE_DEVICES=0 step W_cold_2b 300 python3 benchmarks/cold_start.py --models 2b --models-dir /tmp/models \
-      --cache-root /tmp/cold --out "$OUT/W_cold_2b.json"
+      --cache-root /tmp/cold --no-second-job --out "$OUT/W_cold_2b.json"
   PYTHONPATH=/tmp/xdit:$PYTHONPATH step W_xfuser_ring_cudnn 110 torchrun --nproc_per_node=2 \
       benchmarks/xfuser_bench.py --ring 2 --attention-backend CUDNN --models 2b,5b --steps 2b=6,5b=5 --warmup 2 \
       --budget @BUDGET@ --out "$OUT/W_xfuser_ring_cudnn.json"
