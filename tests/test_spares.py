@@ -61,6 +61,16 @@ def _spares_of(parent: int) -> list[int]:
     return found
 
 
+def _job() -> tuple[torch.Tensor, dict]:
+    """One job on a new cpu:2 pool: its latents and its status (read before the pool shuts down)."""
+    pool = WorkerPool("cpu:2", echo_output=False)
+    try:
+        latents = pool.generate(SPEC, _request())
+        return latents, pool.status()
+    finally:
+        pool.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _no_spares_left():
     yield
@@ -71,13 +81,9 @@ def _no_spares_left():
 def reference(tiny_path):
     """Latents of a cpu:2 pool that started its own workers."""
     tiny_path("2b")
-    pool = WorkerPool("cpu:2", echo_output=False)
-    try:
-        latents = pool.generate(SPEC, _request())
-        assert not any(r["prestarted"] for r in pool.status()["ranks"])
-        assert "prestarted" not in pool.status()["startup"]
-    finally:
-        pool.shutdown()
+    latents, status = _job()
+    assert not any(r["prestarted"] for r in status["ranks"])
+    assert "prestarted" not in status["startup"]
     return latents
 
 
@@ -86,12 +92,7 @@ def test_a_pool_takes_its_prestarted_spares_and_gets_the_same_latents(reference)
     assert prestart("cpu:2") == 2  # one per slot: nothing more starts
     pids = _spare_pids()
     assert wait_spares(120)
-    pool = WorkerPool("cpu:2", echo_output=False)
-    try:
-        latents = pool.generate(SPEC, _request())
-        status = pool.status()
-    finally:
-        pool.shutdown()
+    latents, status = _job()
     assert torch.equal(latents, reference)
     assert sorted(r["pid"] for r in status["ranks"]) == sorted(pids)
     assert all(r["prestarted"] for r in status["ranks"]), status["ranks"]
@@ -105,12 +106,7 @@ def test_spares_started_with_another_environment_are_killed_and_fresh_workers_ru
     prestart("cpu:2")
     old = _spare_pids()
     monkeypatch.setenv("XDIT_COGVIDEO_SPARE_TEST", "changed")  # not a per-assignment value: spares cannot be used
-    pool = WorkerPool("cpu:2", echo_output=False)
-    try:
-        latents = pool.generate(SPEC, _request())
-        status = pool.status()
-    finally:
-        pool.shutdown()
+    latents, status = _job()
     assert _all_gone(old, 10)
     assert not set(old) & {r["pid"] for r in status["ranks"]}
     assert not any(r["prestarted"] for r in status["ranks"])
@@ -122,13 +118,11 @@ def test_a_dead_spare_is_replaced_by_a_fresh_worker(reference):
     assert wait_spares(120)
     dead, alive = _spare_pids()
     os.kill(dead, signal.SIGKILL)
-    assert _all_gone([dead], 10)
-    pool = WorkerPool("cpu:2", echo_output=False)
-    try:
-        latents = pool.generate(SPEC, _request())
-        ranks = pool.status()["ranks"]
-    finally:
-        pool.shutdown()
+    # dead as waitpid sees it (what the pool checks): /proc can say zombie while its other threads still exit
+    proc = next(s.rank.proc for s in spares._SPARES if s.rank.pid == dead)
+    proc.wait(timeout=10)
+    latents, status = _job()
+    ranks = status["ranks"]
     assert torch.equal(latents, reference)
     assert sorted(r["prestarted"] for r in ranks) == [False, True]
     assert alive in {r["pid"] for r in ranks} and dead not in {r["pid"] for r in ranks}
