@@ -128,6 +128,30 @@ def test_a_dead_spare_is_replaced_by_a_fresh_worker(reference):
     assert alive in {r["pid"] for r in ranks} and dead not in {r["pid"] for r in ranks}
 
 
+
+def test_a_spare_that_dies_when_taken_is_replaced_and_the_job_runs(reference, monkeypatch, caplog):
+    """A spare dying between take and its hello (killed, out of memory, a crash after the handover) costs no job:
+    the pool starts a fresh worker for that rank, once, and says so."""
+    prestart("cpu:2")
+    assert wait_spares(120)
+    original, killed = spares.take, []
+
+    def take_and_kill_rank_0(rank, **kwargs):
+        entry = original(rank, **kwargs)
+        if entry is not None and rank == 0:
+            os.kill(entry.pid, signal.SIGKILL)
+            killed.append(entry.pid)
+        return entry
+
+    monkeypatch.setattr(spares, "take", take_and_kill_rank_0)
+    with caplog.at_level("WARNING", logger="comfyui_xdit_cogvideo.pool"):
+        latents, status = _job()
+    assert killed and killed[0] not in {r["pid"] for r in status["ranks"]}
+    assert [r["prestarted"] for r in sorted(status["ranks"], key=lambda r: r["rank"])] == [False, True]
+    assert torch.equal(latents, reference)
+    assert any("starting a fresh worker" in r.getMessage() and f"pid {killed[0]}" in r.getMessage()
+               for r in caplog.records), caplog.text
+
 CHILD = """
 import os, sys, time
 from comfyui_xdit_cogvideo.pool import prestart, spares

@@ -12,6 +12,7 @@ Models stay resident in the workers between jobs.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -150,6 +151,7 @@ class WorkerPool:
             self._starts += 1
             self._session = f"{os.getpid()}-{generation}-{secrets.token_hex(4)}"
         procs: dict[int, Rank] = {}
+        respawn: Callable[[int], Rank] | None = None  # local pools: a fresh worker for a rank whose spare died
         if self.devices.kind == "remote":
             self._key = _remote_key(self.devices)
             if self._listener is None:
@@ -167,14 +169,19 @@ class WorkerPool:
             port = self._listener.getsockname()[1]
             cpus = cpu_count()
             threads = self.threads or max(1, cpus // world if self.devices.kind == "cpu" else min(8, cpus // world))
-            for rank in range(world):
+
+            def start_rank(rank: int, use_spare: bool = True) -> Rank:
                 gpu = self.devices.gpu_ids[rank] if self.devices.kind == "cuda" else None
-                procs[rank] = spawn(rank, world, gpu=gpu, backend=self.devices.backend, port=port, threads=threads,
-                                    key=self._key.decode(), connect_timeout=self.start_timeout,
-                                    echo=self.echo_output)
+                return spawn(rank, world, gpu=gpu, backend=self.devices.backend, port=port, threads=threads,
+                             key=self._key.decode(), connect_timeout=self.start_timeout, echo=self.echo_output,
+                             use_spare=use_spare)
+
+            respawn = functools.partial(start_rank, use_spare=False)
+            for rank in range(world):
+                procs[rank] = start_rank(rank)
                 with self._lock:
                     self._ranks = [procs[r] for r in sorted(procs)]
-        self._accept_all(procs, generation)
+        self._accept_all(procs, generation, respawn)
         with self._lock:
             if self.devices.kind != "remote":
                 self._listener.close()  # every local worker is in; nobody else may connect
@@ -184,9 +191,12 @@ class WorkerPool:
         threading.Thread(target=self._monitor, args=(generation,), daemon=True,
                          name=f"xdit-pool-monitor-{generation}").start()
 
-    def _accept_all(self, procs: dict[int, Rank], generation: int) -> None:
+    def _accept_all(self, procs: dict[int, Rank], generation: int,
+                    respawn: Callable[[int], Rank] | None = None) -> None:
         """Accept, authenticate (on helper threads) and greet every worker, then wait until each has joined
-        torch.distributed. Nothing here blocks for longer than 0.1 s, so ``shutdown`` can abort it."""
+        torch.distributed. Nothing here blocks for longer than 0.1 s, so ``shutdown`` can abort it. A prestarted
+        spare that dies before it connects is replaced once by a fresh worker (``respawn``): a spare may never
+        cost a job."""
         world = self.devices.world_size
         deadline = time.monotonic() + self.start_timeout
         connected: dict[int, Rank] = {}
@@ -208,10 +218,17 @@ class WorkerPool:
                     raise PoolError(f"workers did not start within {self.start_timeout:.0f} s "
                                     f"(not connected: ranks {missing or 'none'}; not ready: "
                                     f"{[r.rank for r in connected.values() if not r.ready]}){hint}")
-                for entry in procs.values():
+                for rank, entry in list(procs.items()):
                     code = entry.proc.poll() if entry.proc else None
-                    if code is not None:
-                        raise PoolError(_start_failure(entry, describe_exit(code)))
+                    if code is None:
+                        continue
+                    if entry.prestarted and rank not in connected and respawn is not None:
+                        log.warning("%s; starting a fresh worker for it", _start_failure(entry, describe_exit(code)))
+                        procs[rank] = respawn(rank)
+                        with self._lock:
+                            self._ranks = [procs[r] for r in sorted(procs)]
+                        continue
+                    raise PoolError(_start_failure(entry, describe_exit(code)))
                 for key, _ in selector.select(0.1):
                     if key.data is None:
                         self._accept_one(greeted, handshakes)

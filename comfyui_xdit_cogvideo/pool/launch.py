@@ -164,7 +164,7 @@ def _pump_output(stream, rank: Rank, echo: bool) -> None:
 
 
 def spawn(rank: int, world: int, *, gpu: str | None, backend: str, port: int, threads: int | str, key: str,
-          connect_timeout: float, echo: bool) -> Rank:
+          connect_timeout: float, echo: bool, use_spare: bool = True) -> Rank:
     """Start one local worker process (its own session, so a signal to its group takes any helpers with it), or
     hand the job to a prestarted spare of the same slot (pool.spares) when one with this environment is waiting."""
     from .spares import take
@@ -175,7 +175,7 @@ def spawn(rank: int, world: int, *, gpu: str | None, backend: str, port: int, th
                "--rank", str(rank), "--world-size", str(world), "--device", "cuda:0" if gpu is not None else "cpu",
                "--backend", backend, "--parent-pid", str(os.getpid()), "--threads", str(threads),
                "--connect-timeout", str(connect_timeout)]
-    entry = take(rank, gpu=gpu, env=env, argv=command[3:], echo=echo)
+    entry = take(rank, gpu=gpu, env=env, argv=command[3:], echo=echo) if use_spare else None
     if entry is not None:
         return entry
     proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
