@@ -137,7 +137,7 @@ def _prestart(args) -> None:
     import threading
 
     if args.device == "cpu":
-        devices = f"cpu:{args.world_size or 1}" if (args.world_size or 1) >= 1 else None
+        devices = f"cpu:{args.world_size or 1}"
     elif args.gpus:
         devices = args.gpus
     elif args.world_size:

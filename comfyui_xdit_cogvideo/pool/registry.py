@@ -83,8 +83,9 @@ def _shutdown_all() -> None:
 
 
 def install_exit_handlers() -> None:
-    """Stop every pool (and kill every prestarted spare worker) when this process ends: atexit, and SIGTERM/SIGINT/SIGHUP handlers that kill the
-    workers and then run whatever handler was installed before (SIG_DFL: the default action).
+    """Stop every pool (and kill every prestarted spare worker) when this process ends: atexit, and
+    SIGTERM/SIGINT/SIGHUP handlers that kill the workers and then run whatever handler was installed before
+    (SIG_DFL: the default action).
 
     Called by every new pool; signal handlers can only be installed from the main thread, so a host that
     creates pools from other threads (ComfyUI runs nodes in a worker thread) should call this once at import.

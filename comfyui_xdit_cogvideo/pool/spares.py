@@ -94,11 +94,10 @@ def _kill(spares: list[Spare]) -> None:
     """Kill (process group, as the pool kills its workers) and reap."""
     signal_ranks([s.rank for s in spares], SIGKILL)
     for spare in spares:
-        for stream in (spare.rank.proc.stdin,):
-            try:
-                stream.close()
-            except (OSError, ValueError):
-                pass
+        try:
+            spare.rank.proc.stdin.close()
+        except (OSError, ValueError):
+            pass
         try:
             spare.rank.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -589,7 +589,9 @@ def _spare(argv: list[str]) -> int:
     startup["spare_wait_s"] = round(time.perf_counter() - waited, 3)
     os.environ.clear()
     os.environ.update({str(k): str(v) for k, v in env.items()})
-    return _serve(_parser().parse_args(worker_argv), startup)
+    _environment_defaults()
+    args = _parser().parse_args(worker_argv)
+    return _serve(args, startup, _target(args))
 
 
 def _target(args: argparse.Namespace) -> tuple[bytes, str, int]:
@@ -609,13 +611,14 @@ def main(argv: list[str] | None = None) -> int:
         return _spare(argv[1:])
     args = _parser().parse_args(argv)
     startup = {"spawn_s": _process_age()}  # interpreter start and our package's import, before main()
-    _target(args)  # a missing key or a bad address fails before seconds of imports
+    target = _target(args)  # a missing key or a bad address fails before seconds of imports
     _imports(startup)
-    return _serve(args, startup)
+    return _serve(args, startup, target)
 
 
-def _serve(args: argparse.Namespace, startup: dict) -> int:
-    """Connect, join the process group and run jobs (imports done: see ``_imports``)."""
+def _serve(args: argparse.Namespace, startup: dict, target: tuple[bytes, str, int]) -> int:
+    """Connect to ``target`` (``_target``'s key, host, port), join the process group and run jobs (imports and
+    environment defaults done: see ``_imports``)."""
     import torch
     import torch.distributed as dist
 
@@ -626,8 +629,7 @@ def _serve(args: argparse.Namespace, startup: dict) -> int:
     remote = args.parent_pid is None
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"[xdit-cogvideo worker {rank}] %(levelname)s %(message)s")
-    _environment_defaults()
-    key, host, port = _target(args)
+    key, host, port = target
     connect_deadline = time.monotonic() + args.connect_timeout
     if args.threads:  # after the imports (a spare imported under a placeholder OMP_NUM_THREADS)
         torch.set_num_threads(args.threads)
