@@ -18,6 +18,8 @@ T5 runs; 50 steps; decode), all on the wall clock from the caller:
 5. ``prestarted``: a new pool on the same caches whose worker processes were prestarted (``pool.prestart``, as a
    ComfyUI server or the CLI does before the first job) and had finished their imports (``wait_spares``), timed
    from submit like the others; ``spare_wait`` says how long the spares took to get ready.
+6. ``prestarted_never_compiled`` (``--prestarted-never-compiled``): prestarted workers on new empty caches: a
+   ComfyUI server's first job on a machine that never compiled.
 
 Each pool entry carries the pool's own account (``status()``: worker start-up phases, load, compile policy
 decision with cache counters and first-block timings, first step) so the time goes somewhere named.
@@ -148,6 +150,23 @@ class Pool:
         self.pool.shutdown()
 
 
+def prestarted_job(folder: Path, args, size) -> tuple[dict, dict]:
+    """(spare wait, job): prestart the workers under the current environment, wait until they have imported, then a
+    new pool's first job on them."""
+    from comfyui_xdit_cogvideo.pool import prestart, shutdown_spares, wait_spares
+
+    t = time.perf_counter()
+    prestart(Pool.devices(args))
+    ready = wait_spares(300)
+    waited = {"ready": ready, "waited_s": round(time.perf_counter() - t, 2)}
+    pool = Pool(folder, args, size)
+    try:
+        return waited, pool.job()
+    finally:
+        pool.close()
+        shutdown_spares()
+
+
 def ratio(diffusers_s: float | None, ours_s: float | None) -> float | None:
     return round(diffusers_s / ours_s, 3) if diffusers_s and ours_s else None
 
@@ -160,6 +179,8 @@ def main(argv=None) -> None:
     p.add_argument("--cache-root", default=None, help="where the fresh caches go (default: a new temp folder)")
     p.add_argument("--warm-timeout", type=float, default=400.0)
     p.add_argument("--no-second-job", action="store_true", help="skip the job after the warm-up (saves time on 5b)")
+    p.add_argument("--prestarted-never-compiled", action="store_true",
+                   help="also time prestarted workers on new empty caches (stage 6)")
     add_folder_args(p)
     args = p.parse_args(argv)
     out, save = json_document(args)
@@ -192,24 +213,20 @@ def main(argv=None) -> None:
             log(f"{name} warm: {json.dumps(res['warm'])[:300]}")
         finally:
             pool.close()
-        from comfyui_xdit_cogvideo.pool import prestart, shutdown_spares, wait_spares
-
-        t = time.perf_counter()
-        prestart(Pool.devices(args))
-        ready = wait_spares(300)
-        res["spare_wait"] = {"ready": ready, "waited_s": round(time.perf_counter() - t, 2)}
-        pool = Pool(folder, args, size)
-        try:
-            res["prestarted"] = pool.job()
-            log(f"{name} prestarted: {json.dumps(res['prestarted'])[:600]}")
-        finally:
-            pool.close()
-            shutdown_spares()
+        res["spare_wait"], res["prestarted"] = prestarted_job(folder, args, size)
+        log(f"{name} prestarted: {json.dumps(res['prestarted'])[:600]}")
+        save()
+        if args.prestarted_never_compiled:
+            res["caches_never_compiled_prestarted"] = fresh_caches(cache_root.parent / f"{name}-prestarted-fresh")
+            res["spare_wait_never_compiled"], res["prestarted_never_compiled"] = prestarted_job(folder, args, size)
+            log(f"{name} prestarted, never compiled: {json.dumps(res['prestarted_never_compiled'])[:600]}")
         d = res.get("diffusers", {})
         res["ratios_vs_diffusers"] = {
             "never_compiled_first_job": ratio(d.get("first_job_s"), res["never_compiled"]["whole_s"]),
             "compiled_machine_first_job": ratio(d.get("first_job_s"), res["compiled_machine"]["whole_s"]),
             "compiled_machine_prestarted_first_job": ratio(d.get("first_job_s"), res["prestarted"]["whole_s"]),
+            "never_compiled_prestarted_first_job": ratio(d.get("first_job_s"),
+                                                         res.get("prestarted_never_compiled", {}).get("whole_s")),
             "warm_job_vs_diffusers_job_after_load": ratio(d.get("job_s"), res["warm"]["whole_s"]),
             "never_compiled_first_job_frames": ratio(d.get("first_job_frames_s"), res["never_compiled"]["whole_s"]),
             "compiled_machine_first_job_frames": ratio(d.get("first_job_frames_s"),

@@ -10,6 +10,8 @@ Rows (seconds, wall clock, after imports; the page cache is whatever the previou
 - ``diffusers_pipeline``: ``CogVideoXPipeline.from_pretrained(folder).to(device)`` (what cold_start.py compares)
 - ``ours_transformer``: ``CogVideoEngine(folder)`` (the pool's load_s) with its ``load_timings`` parts
 - ``ours_text``: then the T5 load the first prompt triggers
+- ``ours_transformer_5ms``: ``ours_transformer`` with Python's default 5 ms switch interval during the load
+  (before ``engine.prompt_gil_handoff``: the load's thousand short GIL-free calls each wait for the kernel probe)
 
 Each row ends by touching every weight (a sum per tensor, synchronised): on a CPU diffusers' weights stay
 memory-mapped and are only read when first used, so without it the CPU rows would compare unread with read bytes.
@@ -63,8 +65,11 @@ def child(kind: str, folder: str, device: str, dtype_name: str, optimize: str) -
         from diffusers import CogVideoXPipeline, CogVideoXTransformer3DModel  # noqa: F401 - as the diffusers rows:
         from transformers import T5EncoderModel  # noqa: F401 - imports before the clock (a worker's start-up)
 
+        from comfyui_xdit_cogvideo import engine as engine_module
         from comfyui_xdit_cogvideo.engine import CogVideoEngine
 
+        if kind == "ours_transformer_5ms":
+            engine_module.LOAD_SWITCH_INTERVAL = 0.005
         started = time.perf_counter()
         engine = CogVideoEngine(folder, dtype=dtype_name, device=device, optimize=optimize)
         row = {"load_s": round(time.perf_counter() - started, 3), "parts": getattr(engine, "load_timings", None),

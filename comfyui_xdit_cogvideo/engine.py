@@ -8,6 +8,7 @@ forward is shared out. The leader (rank 0) encodes text once and broadcasts the 
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
 from typing import Callable
@@ -62,12 +63,13 @@ class CogVideoEngine:
             if preload_text and self.resolved.text_encoder is not None and self.resolved.tokenizer is not None:
                 self._text_preload = _TextPreload(self)
 
-        self.transformer, self.info = load_transformer(self.resolved, self.dtype, home, self.load_timings, built)
-        self._placed = self.memory.name == "fast"
-        self._setup(attention, optimize)
-        mark = time.perf_counter()
-        self.set_loras(loras)
-        self.load_timings["loras_s"] = round(time.perf_counter() - mark, 3)
+        with prompt_gil_handoff():
+            self.transformer, self.info = load_transformer(self.resolved, self.dtype, home, self.load_timings, built)
+            self._placed = self.memory.name == "fast"
+            self._setup(attention, optimize)
+            mark = time.perf_counter()
+            self.set_loras(loras)
+            self.load_timings["loras_s"] = round(time.perf_counter() - mark, 3)
 
     @classmethod
     def from_components(
@@ -427,6 +429,26 @@ class _TextPreload:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+# Python's switch interval while the load overlaps its background threads (kernel probe, T5 preload). The load is
+# a thousand short calls that each release the GIL (one per tensor read, copied, fused); after each, the main
+# thread waits for a busy background thread to give the GIL back, up to the default 5 ms: 3-4 s of a 2b load on an
+# H200 (to_device_s 2.3-4.6 s against 0.9 s for diffusers' whole load, BENCHMARKS.md session 5; on a CPU, 700 small
+# copies beside one busy thread: 3.9 s at 5 ms, 0.2 s at 0.1 ms, alone 0.08 s).
+LOAD_SWITCH_INTERVAL = 1e-4
+
+
+@contextlib.contextmanager
+def prompt_gil_handoff(interval: float | None = None):
+    """Lower the interpreter's switch interval to ``interval`` (default ``LOAD_SWITCH_INTERVAL``, read now; never
+    raised) for the block, then restore it."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, LOAD_SWITCH_INTERVAL if interval is None else interval))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _plan(memory: "str | MemoryPlan", groups: ParallelGroups) -> MemoryPlan:

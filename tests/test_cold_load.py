@@ -194,3 +194,58 @@ def test_a_failed_t5_preload_fails_the_encode_not_the_load(tiny_path, monkeypatc
     engine.generate(with_embeds)  # embeddings given: T5 is never needed
     with pytest.raises(ModelError, match="truncated"):
         engine.generate(GenerationRequest(prompt="a cat", frames=9, height=32, width=48, steps=1, seed=1))
+
+
+def test_load_hands_the_gil_back_promptly_and_restores_the_interval(tiny_path, monkeypatch):
+    """While the weights load beside the kernel probe and the T5 preload, the switch interval is short (each of the
+    load's many GIL-free calls would otherwise wait up to 5 ms for a busy thread); afterwards it is as it was."""
+    import sys
+
+    seen = []
+    real_load, real_setup = engine_module.load_transformer, CogVideoEngine._setup
+
+    def load(*args, **kwargs):
+        seen.append(("load", sys.getswitchinterval()))
+        return real_load(*args, **kwargs)
+
+    def setup(self, *args, **kwargs):
+        seen.append(("setup", sys.getswitchinterval()))
+        return real_setup(self, *args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "load_transformer", load)
+    monkeypatch.setattr(CogVideoEngine, "_setup", setup)
+    before = sys.getswitchinterval()
+    assert before > engine_module.LOAD_SWITCH_INTERVAL
+    CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none")
+    short = pytest.approx(engine_module.LOAD_SWITCH_INTERVAL, rel=0.01)  # kept in whole microseconds
+    assert seen == [("load", short), ("setup", short)]
+    assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError), engine_module.prompt_gil_handoff():
+        raise RuntimeError("a failed load restores it too")
+    assert sys.getswitchinterval() == before
+
+
+def test_a_prestarted_worker_imports_the_fast_kernels_with_their_cache_settings(tmp_path, monkeypatch):
+    """What a GPU spare runs before it is assigned: the installed flash-attn modules, imported with FA4's disk cache
+    switched on (read at its import); one that fails to import is left to the probe and raises nothing."""
+    import sys
+
+    from comfyui_xdit_cogvideo.tiny import tiny_cache_dir
+
+    (tmp_path / "fake_fa4_ok.py").write_text(
+        "import os\nCACHE = (os.environ.get('FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED'),"
+        " os.environ.get('FLASH_ATTENTION_CUTE_DSL_CACHE_DIR'))\n")
+    (tmp_path / "fake_fa3_broken.py").write_text("raise OSError('libcuda.so.1: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED", raising=False)
+    monkeypatch.delenv("FLASH_ATTENTION_CUTE_DSL_CACHE_DIR", raising=False)
+    monkeypatch.setitem(kernels._MODULE_OF, "fa4", "fake_fa4_ok")
+    monkeypatch.setitem(kernels._MODULE_OF, "fa3", "fake_fa3_broken")
+    try:
+        assert kernels.import_fast_kernels() == ["fake_fa4_ok"]
+        assert sys.modules["fake_fa4_ok"].CACHE == ("1", str(tiny_cache_dir() / "fa4"))
+    finally:
+        for name in ("fake_fa4_ok", "fake_fa3_broken"):
+            sys.modules.pop(name, None)
+    monkeypatch.setitem(kernels._MODULE_OF, "fa4", "no_such_module_here")
+    assert kernels.import_fast_kernels() == []

@@ -199,6 +199,26 @@ _PROBES: dict[str, dict] = {}  # device -> {"thread", "seconds"}: background res
 _PROBES_LOCK = threading.Lock()
 
 
+def import_fast_kernels() -> list[str]:
+    """Import the installed flash-attn modules ``auto`` may test (flash-attn-4: CUTLASS' DSL and its MLIR libraries,
+    seconds) in a process that will run on a GPU but has no job yet (a prestarted worker), so that its kernel probe
+    later only loads and tests. No CUDA call; a failure is left to the probe, which imports again and decides.
+    Returns the modules imported."""
+    done = []
+    for name in ("fa4", "fa3"):
+        module = _MODULE_OF[name]
+        if not _installed(module):
+            continue
+        try:
+            if name == "fa4":
+                _fa4_cache_defaults()  # read at its import
+            importlib.import_module(module)
+            done.append(module)
+        except Exception:  # noqa: BLE001 - the probe reports what does not import
+            pass
+    return done
+
+
 def _needs_self_test(device: torch.device) -> bool:
     return device.type == "cuda" and any(n == "fa3" or (n == "fa4" and _fa4_targets(device))
                                          for n in available_kernels(device))

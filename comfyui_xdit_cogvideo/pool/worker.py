@@ -570,6 +570,12 @@ def _spare(argv: list[str]) -> int:
 
     threading.Thread(target=watch_parent, daemon=True, name="spare-watchdog").start()
     _imports(startup)
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):  # a GPU slot: the probe's import, while nobody waits for it
+        from ..parallel.kernels import import_fast_kernels
+
+        mark = time.perf_counter()
+        startup["kernel_imports"] = import_fast_kernels()
+        startup["kernel_imports_s"] = round(time.perf_counter() - mark, 3)
     from .spares import READY_LINE
 
     print(READY_LINE, flush=True)

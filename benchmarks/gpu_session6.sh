@@ -1,0 +1,69 @@
+#!/bin/bash
+# Session 6's device calls on nvidia-h200-x2 (issue 17), chained on one warm machine:
+#   A carry [.whl, .fa4/p1]              wheels; random-weight folders 2b (GPU 0), 5b (GPU 1), then 1.5-5b (GPU 0)
+#   B carry [.fa4/p2, .fa4/wheels]       after the load's GIL hand-off and the spares' flash-attn-4 import:
+#     check: a process that imported flash-attn-4 holds no CUDA context (what a prestarted worker does)
+#     GPU 0: cold_start.py 2b with prestarted workers on a compiled and on a never-compiled machine; then
+#            first_step_profile.py 2b (cProfile of a new engine up to its first steps on the compiled caches);
+#            load_bench.py 2b (ours with and without the hand-off, diffusers)
+#     GPU 1: cold_start.py 5b (no second job) with prestarted workers
+#   N2 (gpu_session5.sh N2): 1.5-5b whole jobs, diffusers on GPU 0 beside ours on GPU 1
+# Raw logs and JSON under $OUT; BENCHMARKS.md "Session 6" has the tables made from them.
+part=$1
+export NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_NVLS_ENABLE=0
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+PART_S=${PART_S:-570}
+. benchmarks/gpu_session_lib.sh
+
+clocks() {
+  nvidia-smi --query-gpu=index,timestamp,clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.active \
+      --format=csv -lms 500 > "$OUT/${part}_clocks.csv" 2>&1 &
+  CLOCKS_PID=$!
+}
+wait_runs() { local j; for j in $(jobs -p); do [ "$j" = "$CLOCKS_PID" ] || wait "$j"; done; }
+build() {  # build GPU MODEL
+  CUDA_VISIBLE_DEVICES=$1 python3 -c "
+import sys; sys.path.insert(0, 'benchmarks')
+from pathlib import Path
+from pool_bench import build_folder
+print(build_folder('$2', Path('/tmp/models'), False, 'cuda:0'), flush=True)
+" > "$OUT/A_build_$2.log" 2>&1
+}
+
+if [ "$part" = A ]; then
+  setup_first
+  export PYTHONPATH=/tmp/site:$PWD
+  ( build 0 2b; build 0 1.5-5b ) &
+  build 1 5b &
+  wait
+  say "model folders built"; tail -qn 1 "$OUT"/A_build_*.log; du -sh /tmp/models/*; df -h /tmp | tail -1
+fi
+
+if [ "$part" = B ]; then
+  ensure_env
+  CUDA_VISIBLE_DEVICES=0 python3 - > "$OUT/B_fa4_import_context.log" 2>&1 <<'PY'
+import os, subprocess, time
+t = time.perf_counter()
+import flash_attn.cute  # noqa: F401
+import torch
+took = time.perf_counter() - t
+apps = subprocess.run(["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True,
+                      text=True).stdout.split()
+print({"import_s": round(took, 2), "torch_cuda_initialized": torch.cuda.is_initialized(),
+       "pid_holds_a_context": str(os.getpid()) in apps, "compute_apps": apps})
+PY
+  cat "$OUT/B_fa4_import_context.log" | tail -n 2
+  clocks
+  ( CUDA_VISIBLE_DEVICES=0 step B_cold_2b 360 python3 benchmarks/cold_start.py --models 2b --models-dir /tmp/models \
+        --cache-root /tmp/cold --no-second-job --prestarted-never-compiled --out "$OUT/B_cold_2b.json"
+    CUDA_VISIBLE_DEVICES=0 step B_first_step_2b 90 python3 benchmarks/first_step_profile.py --model 2b \
+        --cache-root /tmp/cold --out "$OUT/B_first_step_2b.json"
+    CUDA_VISIBLE_DEVICES=0 step B_load_2b 120 python3 benchmarks/load_bench.py --folder /tmp/models/2b --device cuda \
+        --rows ours_transformer,ours_transformer_5ms,diffusers_transformer,diffusers_pipeline \
+        --out "$OUT/B_load_2b.json" ) &
+  CUDA_VISIBLE_DEVICES=1 step B_cold_5b 560 python3 benchmarks/cold_start.py --models 5b --no-second-job \
+      --models-dir /tmp/models --cache-root /tmp/cold --out "$OUT/B_cold_5b.json" &
+  wait_runs
+  kill "$CLOCKS_PID" 2>/dev/null
+fi
+say "part $part done"
