@@ -57,11 +57,13 @@ class CogVideoEngine:
         self._text = None
         self._text_preload = None
 
-        def built() -> None:  # the transformer is built, its bytes are about to move: start what can overlap them
+        def built(model) -> None:  # the transformer is built, its bytes are about to move: start what can overlap
             if attention == "auto":  # the kernel's self-test (flash-attn's import and JIT)
                 probe_kernel(self.device)
             if preload_text and self.resolved.text_encoder is not None and self.resolved.tokenizer is not None:
                 self._text_preload = _TextPreload(self)
+            if self.memory.name == "fast":  # the compiled graphs the first job most likely needs, from the caches
+                self._prefetch_compiled(model, optimize)
 
         with prompt_gil_handoff():
             self.transformer, self.info = load_transformer(self.resolved, self.dtype, home, self.load_timings, built)
@@ -70,6 +72,15 @@ class CogVideoEngine:
             mark = time.perf_counter()
             self.set_loras(loras)
             self.load_timings["loras_s"] = round(time.perf_counter() - mark, 3)
+
+    def _prefetch_compiled(self, model, optimize) -> None:
+        from .optimize import CompilePrefetch, OptimizeOptions
+
+        try:
+            options = OptimizeOptions.parse(optimize, self.device)
+        except ValueError:
+            return  # the engine's own optimize() reports the bad flags
+        CompilePrefetch.start(model, options, self.device, CONSTRUCTION_LOCK)  # its first job reports it
 
     @classmethod
     def from_components(

@@ -149,13 +149,13 @@ def import_model_classes() -> None:
 
 
 def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch.device | str,
-                     timings: dict | None = None, on_built: Callable[[], object] | None = None):
+                     timings: dict | None = None, on_built: Callable[[object], object] | None = None):
     """(transformer, ModelInfo); weights go straight to ``device`` in ``dtype``.
 
     ``timings`` (a dict) receives where the seconds went, for the pool's status and the CLI summary: ``read_s``
     (headers, model built, weights read; a single file is read straight onto ``device``), then ``to_device_s``
-    (a folder's copy onto ``device``) or ``convert_s`` (a single file's conversion to ``dtype``). ``on_built`` is
-    called once the model is built (``CONSTRUCTION_LOCK`` released), before the bulk of the bytes move: work
+    (a folder's copy onto ``device``) or ``convert_s`` (a single file's conversion to ``dtype``). ``on_built(model)``
+    is called once the model is built (``CONSTRUCTION_LOCK`` released), before the bulk of the bytes move: work
     started there overlaps the copy."""
     from diffusers import CogVideoXTransformer3DModel
 
@@ -175,7 +175,7 @@ def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch
             model = CogVideoXTransformer3DModel.from_pretrained(path, torch_dtype=dtype, use_safetensors=True)
         mark = _lap(timings, "read_s", mark)
         if on_built is not None:
-            on_built()
+            on_built(model)
             mark = _lap(timings, "on_built_s", mark)
         model = model.to(device)
         _lap(timings, "to_device_s", mark, device)
@@ -186,7 +186,7 @@ def load_transformer(resolved: ResolvedSource, dtype: torch.dtype, device: torch
     with CONSTRUCTION_LOCK, init_empty_weights(include_buffers=False):
         model = CogVideoXTransformer3DModel(**header.config)
     if on_built is not None:
-        on_built()
+        on_built(model)
         mark = _lap(timings, "on_built_s", mark)
     weights, scales = read_transformer_weights(path, header, device)
     mark = _lap(timings, "read_s", mark, device)

@@ -23,7 +23,10 @@ decide whether to skip (documented in BENCHMARKS.md).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import os
+import threading
 import time
 import types
 from dataclasses import dataclass, fields, replace
@@ -224,6 +227,17 @@ def _block_post(block, out, hidden_states, encoder_hidden_states, temb, gate_msa
 _COMPILED: dict = {}
 
 
+def import_compiler() -> list[str]:
+    """Import what the first compiled block imports lazily: torch.compile's backend wrapper (with AOT autograd) and
+    Inductor's ``compile_fx`` with its code generators. 0.9 s on a fast idle CPU; on an H200 host inside the first
+    job, most of ``optimize_s`` (0.8-1.4 s) and part of the first block's ``inductor_s``. For a prestarted worker,
+    which has the time before its job. Returns the modules imported."""
+    modules = ["torch._dynamo.repro.after_dynamo", "torch._inductor.compile_fx"]
+    for module in modules:
+        importlib.import_module(module)
+    return modules
+
+
 def _compiled(mode: str | None):
     """One pair of compiled functions per mode for the whole process: every transformer, block, engine and
     layout shares them (Dynamo keeps one graph per input shape/stride under its guards)."""
@@ -381,8 +395,16 @@ class Optimizer:
         spec = self._pre_args_spec = cc.args_spec(args)
         key = compile_key_of(self.transformer, self.options, spec, args[1].device)
         self._key, self.report["key"] = key, key
+        prefetch = _PREFETCHES.pop(str(args[1].device), None)
+        prefetched = prefetch is not None and prefetch.key == key
+        if prefetch is not None:
+            if prefetched:
+                prefetch.wait()  # its graphs are this job's: let it finish, then use them
+            self.report["prefetch"] = dict(prefetch.describe(), used=prefetched and prefetch.state == "done")
         if key in _IN_MEMORY:
-            self.compiled, why = True, "compiled: already compiled in this process"
+            self.compiled = True
+            why = "compiled: cache hit, loaded while the weights loaded" if prefetched and prefetch.state == "done" \
+                else "compiled: already compiled in this process"
         elif cc.is_compiled(key):
             self.compiled, why = True, "compiled: cache hit"
             loaded = cc.load_artifacts(key)
@@ -423,7 +445,9 @@ class Optimizer:
             if self._key is not None and self.compiled:
                 _IN_MEMORY.add(self._key)
                 if not cc.is_compiled(self._key):
-                    cc.mark_compiled(self._key, {"by": f"process {os.getpid()}", "first_block": first})
+                    job = self._job(args)
+                    cc.mark_compiled(self._key, {"by": f"process {os.getpid()}", "first_block": first,
+                                                 "job": {k: job[k] for k in cc.JOB_FIELDS}})
         self.report["first_block"] = first
         if not self.compiled and self._key is not None and self.options.compile_policy == "auto":
             self._warm(args, timing)
@@ -431,8 +455,6 @@ class Optimizer:
 
     def _warm(self, post_args, timing) -> None:
         """Start the background compile for this job's shapes (compile_cache, candidate (b)) when it can run."""
-        from dataclasses import asdict
-
         from . import compile_cache as cc
 
         key, block, x = self._key, post_args[0], post_args[2]  # hidden_states; [1] may be Ulysses' output pair
@@ -449,15 +471,23 @@ class Optimizer:
         if x.is_cuda and torch.cuda.mem_get_info(x.device)[0] < cc.WARM_MIN_FREE_BYTES:
             self.report["why"] += " -- not now: too little free device memory for the warm-up"
             return
-        job = {"key": key, "device": str(x.device), "dtype": str(x.dtype).split(".")[-1],
-               "options": asdict(self.options), "config": cc.model_config(self.transformer),
-               "pre": self._pre_args_spec, "post": cc.args_spec(post_args), "inductor_cache": str(cc.cache_root())}
         try:
-            self.warmups[key] = cc.Warmup(key, job).start()
+            self.warmups[key] = cc.Warmup(key, self._job(post_args)).start()
         except OSError as error:  # the cache folder is read-only or full: this job is not affected
             self.report["why"] += f" -- the warm-up could not start: {error}"
             return
         self.report["warmup"] = self.warmups[key]
+
+    def _job(self, post_args) -> dict:
+        """This job's block call as ``compile_cache`` rebuilds it (background warm-up, markers for a prefetch)."""
+        from dataclasses import asdict
+
+        from . import compile_cache as cc
+
+        x = post_args[2]  # hidden_states; [1] may be Ulysses' output pair
+        return {"key": self._key, "device": str(x.device), "dtype": str(x.dtype).split(".")[-1],
+                "options": asdict(self.options), "config": cc.model_config(self.transformer),
+                "pre": self._pre_args_spec, "post": cc.args_spec(post_args), "inductor_cache": str(cc.cache_root())}
 
     def compile_report(self) -> dict:
         """The last job's policy decision, first-block timings and any background warm-up, JSON-ready."""
@@ -476,12 +506,70 @@ class Optimizer:
 _IN_MEMORY: set[str] = set()  # keys whose graphs this process has compiled (Dynamo holds them)
 
 
+class CompilePrefetch:
+    """The compiled graphs a new engine's first job most likely needs (``compile_cache``, "Prefetch"), loaded on a
+    thread while its weights load. ``start`` returns None when there is nothing to prefetch here."""
+
+    def __init__(self, job: dict, device: torch.device, construction):
+        self.key, self.job, self.device = job["key"], job, device
+        self.state, self.seconds, self.error = "running", None, None
+        self._thread = threading.Thread(target=self._run, args=(construction,), daemon=True,
+                                        name=f"xdit-compile-prefetch-{device}")
+
+    @classmethod
+    def start(cls, transformer, options: "OptimizeOptions | None", device: torch.device,
+              construction=None) -> "CompilePrefetch | None":
+        """For ``transformer`` (built, its weights still on their way) under ``options`` on ``device``."""
+        from . import compile_cache as cc
+
+        if options is None or not options.compile or options.compile_policy not in ("auto", "always"):
+            return None
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        _setup_compile_cache(options.cache_dir)
+        graph_options = {k: getattr(options, k) for k in _GRAPH_OPTIONS}
+        job = cc.prefetch_candidate(cc.model_config(transformer), graph_options, device)
+        if job is None or job["key"] in _IN_MEMORY:
+            return None
+        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < cc.WARM_MIN_FREE_BYTES:
+            return None
+        prefetch = cls(job, device, construction)
+        _PREFETCHES[str(device)] = prefetch
+        prefetch._thread.start()
+        return prefetch
+
+    def _run(self, construction) -> None:
+        from . import compile_cache as cc
+
+        started = time.perf_counter()
+        try:
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                cc.load_artifacts(self.key)
+                cc.run_block_graphs(self.job, self.device, construction)
+            _IN_MEMORY.add(self.key)
+            self.state = "done"
+        except Exception as error:  # noqa: BLE001 - a failed guess costs nothing: the job decides for itself
+            self.state, self.error = "failed", f"{type(error).__name__}: {error}"[:300]
+        self.seconds = round(time.perf_counter() - started, 3)
+
+    def wait(self) -> dict:
+        self._thread.join()
+        return self.describe()
+
+    def describe(self) -> dict:
+        return {"key": self.key, "state": self.state, "seconds": self.seconds,
+                **({"error": self.error} if self.error else {})}
+
+
+_PREFETCHES: dict[str, CompilePrefetch] = {}  # device -> the last prefetch started there
+_GRAPH_OPTIONS = ("fuse_qkv", "compile_mode", "contiguous_v", "gelu_epilogue", "fp8")  # options in a compile key
+
+
 def compile_key_of(transformer, options: OptimizeOptions, pre_spec: list, device: torch.device) -> str:
     """The compile-cache key of a block call: model config, the options that change the graphs, input specs."""
     from . import compile_cache as cc
 
-    graph_options = {k: getattr(options, k) for k in ("fuse_qkv", "compile_mode", "contiguous_v", "gelu_epilogue",
-                                                      "fp8")}
+    graph_options = {k: getattr(options, k) for k in _GRAPH_OPTIONS}
     if getattr(transformer, "_xdit_shard_group", None) is not None:  # FSDP's gathered weights: other graphs
         graph_options["fsdp_shards"] = transformer._xdit_shard_size
     return cc.compile_key(cc.model_config(transformer), graph_options, pre_spec, device)

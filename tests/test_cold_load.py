@@ -249,3 +249,32 @@ def test_a_prestarted_worker_imports_the_fast_kernels_with_their_cache_settings(
             sys.modules.pop(name, None)
     monkeypatch.setitem(kernels._MODULE_OF, "fa4", "no_such_module_here")
     assert kernels.import_fast_kernels() == []
+
+
+def test_a_gpu_spare_imports_the_compiler_and_the_kernels_before_its_job(monkeypatch):
+    """``_gpu_imports`` (a spare on a GPU slot, before its assignment): the fast kernels and the compiler's lazy
+    imports, each timed; a compiler import that fails is left to the first compiled block."""
+    import subprocess
+    import sys
+
+    from comfyui_xdit_cogvideo import optimize
+    from comfyui_xdit_cogvideo.pool import worker
+
+    code = ("import sys, torch; from comfyui_xdit_cogvideo.optimize import import_compiler; "
+            "names = import_compiler(); print(all(n in sys.modules for n in names), torch.cuda.is_initialized())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["True", "False"], done.stderr[-2000:]
+
+    monkeypatch.setattr(kernels, "import_fast_kernels", lambda: ["flash_attn.cute"])
+    startup: dict = {}
+    worker._gpu_imports(startup)
+    assert startup["kernel_imports"] == ["flash_attn.cute"]
+    assert startup["kernel_imports_s"] >= 0 and startup["compiler_imports_s"] >= 0
+
+    def broken():
+        raise ImportError("triton: libcuda.so.1 not found")
+
+    monkeypatch.setattr(optimize, "import_compiler", broken)
+    startup = {}
+    worker._gpu_imports(startup)
+    assert "compiler_imports_s" in startup

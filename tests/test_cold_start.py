@@ -168,8 +168,10 @@ def _child(model: Path, prefix: Path, env: dict, *flags: str) -> dict:
 
 @pytest.mark.timeout(900)
 def test_warm_up_then_cache_hit_in_a_new_process(tiny_path, tmp_path):
-    """A first process runs eager and its background warm-up compiles; a second process on the same caches
-    compiles from them (Inductor's FX-graph and AOT-autograd caches hit, nothing missed) with the same latents."""
+    """A first process runs eager and its background warm-up compiles; a second process on the same caches loads
+    the graphs from them while its weights load (the prefetch: Inductor's FX-graph and AOT-autograd caches hit,
+    nothing missed, nothing left for the first block) with the same latents. A third at another size prefetches
+    the marked graphs in vain and decides for itself."""
     model = tiny_path("5b")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"),
                PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
@@ -181,11 +183,18 @@ def test_warm_up_then_cache_hit_in_a_new_process(tiny_path, tmp_path):
 
     second = _child(model, tmp_path / "second", env)
     report = second["report"]
-    assert report["key"] == key and report["why"] == "compiled: cache hit", report
-    cache = report["first_block"]["cache"]
-    assert cache["fx_hit"] >= 1 and cache["fx_miss"] == 0 and cache["aot_miss"] == 0, cache
+    assert report["key"] == key and report["why"] == "compiled: cache hit, loaded while the weights loaded", report
+    assert report["prefetch"]["used"] and report["prefetch"]["state"] == "done", report
+    assert set(report["first_block"]["cache"].values()) == {0}, report  # Dynamo reused the prefetched graphs
+    counters = second["counters"]
+    assert counters["fx_hit"] >= 1 and counters["fx_miss"] == 0 and counters["aot_miss"] == 0, counters
     eager, compiled = torch.load(tmp_path / "first.pt"), torch.load(tmp_path / "second.pt")
     assert _rel(compiled, eager) < 1e-5
+
+    third = _child(model, tmp_path / "third", env, "--other-size")["report"]
+    assert third["key"] != key and third["why"] == "eager: first run of this shape, compiling for next time", third
+    prefetch = third["prefetch"]  # a wrong guess is not waited for: it may still be loading when the job decides
+    assert prefetch["key"] == key and prefetch["state"] in ("running", "done") and prefetch["used"] is False, third
 
 
 @pytest.mark.timeout(300)

@@ -553,6 +553,24 @@ def _imports(startup: dict) -> None:
     startup["engine_imports_s"] = round(time.perf_counter() - mark, 3)
 
 
+def _gpu_imports(startup: dict) -> None:
+    """A GPU spare's further imports: flash-attn-4 (its kernel probe's import; FA4 queries the device, which may
+    initialise torch's CUDA runtime but creates no context on the GPU) and the compiler's lazy imports (the first
+    compiled block's). Records kernel_imports(_s) and compiler_imports_s."""
+    from ..optimize import import_compiler
+    from ..parallel.kernels import import_fast_kernels
+
+    mark = time.perf_counter()
+    startup["kernel_imports"] = import_fast_kernels()
+    startup["kernel_imports_s"] = round(time.perf_counter() - mark, 3)
+    mark = time.perf_counter()
+    try:
+        import_compiler()
+    except Exception:  # noqa: BLE001 - the first compiled block imports it again and reports
+        pass
+    startup["compiler_imports_s"] = round(time.perf_counter() - mark, 3)
+
+
 def _spare(argv: list[str]) -> int:
     """``--spare --parent-pid PID``: import, print the ready line, then wait for one assignment on stdin
     (a JSON line {"argv": [...], "env": {...}} from pool.spares.take) and serve as that worker. EOF: exit quietly."""
@@ -570,12 +588,8 @@ def _spare(argv: list[str]) -> int:
 
     threading.Thread(target=watch_parent, daemon=True, name="spare-watchdog").start()
     _imports(startup)
-    if os.environ.get("CUDA_VISIBLE_DEVICES"):  # a GPU slot: the probe's import, while nobody waits for it
-        from ..parallel.kernels import import_fast_kernels
-
-        mark = time.perf_counter()
-        startup["kernel_imports"] = import_fast_kernels()
-        startup["kernel_imports_s"] = round(time.perf_counter() - mark, 3)
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):  # a GPU slot: what its first job would import, while nobody waits
+        _gpu_imports(startup)
     from .spares import READY_LINE
 
     print(READY_LINE, flush=True)
