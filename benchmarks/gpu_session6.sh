@@ -8,6 +8,10 @@
 #            load_bench.py 2b (ours with and without the hand-off, diffusers)
 #     GPU 1: cold_start.py 5b (no second job) with prestarted workers
 #   N2 (gpu_session5.sh N2): 1.5-5b whole jobs, diffusers on GPU 0 beside ours on GPU 1
+# Then, after the compile prefetch and the spares' compiler imports, on a fresh machine:
+#   A2 carry [.whl, .fa4/p1]             wheels; the 2b folder (GPU 0)
+#   C  carry [.fa4/p2, .fa4/wheels]      GPU 0: cold_start.py 2b as in B (prestarted, compiled and never compiled)
+#                                        GPU 1: pool_bench.py 2b, diffusers beside ours on cuDNN attention (no FA4)
 # Raw logs and JSON under $OUT; BENCHMARKS.md "Session 6" has the tables made from them.
 part=$1
 export NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_NVLS_ENABLE=0
@@ -63,6 +67,23 @@ PY
         --out "$OUT/B_load_2b.json" ) &
   CUDA_VISIBLE_DEVICES=1 step B_cold_5b 560 python3 benchmarks/cold_start.py --models 5b --no-second-job \
       --models-dir /tmp/models --cache-root /tmp/cold --out "$OUT/B_cold_5b.json" &
+  wait_runs
+  kill "$CLOCKS_PID" 2>/dev/null
+fi
+if [ "$part" = A2 ]; then
+  setup_first
+  export PYTHONPATH=/tmp/site:$PWD
+  build 0 2b
+  say "model folder built"; tail -qn 1 "$OUT"/A_build_*.log; du -sh /tmp/models/*
+fi
+
+if [ "$part" = C ]; then
+  ensure_env
+  clocks
+  CUDA_VISIBLE_DEVICES=0 step C_cold_2b 420 python3 benchmarks/cold_start.py --models 2b --models-dir /tmp/models \
+      --cache-root /tmp/cold --no-second-job --prestarted-never-compiled --out "$OUT/C_cold_2b.json" &
+  CUDA_VISIBLE_DEVICES=1 step C_cudnn_2b 300 python3 benchmarks/pool_bench.py --models 2b --pools "0=1" \
+      --attention cudnn --cold-steps 2 --models-dir /tmp/models --out "$OUT/C_cudnn_2b.json" &
   wait_runs
   kill "$CLOCKS_PID" 2>/dev/null
 fi
