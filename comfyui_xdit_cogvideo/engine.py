@@ -74,13 +74,20 @@ class CogVideoEngine:
             self.load_timings["loras_s"] = round(time.perf_counter() - mark, 3)
 
     def _prefetch_compiled(self, model, optimize) -> None:
+        """Start ``CompilePrefetch`` for the model just built, if the device keeps room for what is still on its way
+        (the transformer's weights, and T5's when it is preloaded onto the device) beside the prefetch."""
+        from .limits import safetensors_elements
         from .optimize import CompilePrefetch, OptimizeOptions
 
         try:
             options = OptimizeOptions.parse(optimize, self.device)
         except ValueError:
             return  # the engine's own optimize() reports the bad flags
-        CompilePrefetch.start(model, options, self.device, CONSTRUCTION_LOCK)  # its first job reports it
+        size = torch.finfo(self.dtype).bits // 8
+        arriving = sum(p.numel() for p in model.parameters()) * size
+        if self._text_preload is not None and self._text_home().type == "cuda":
+            arriving += safetensors_elements(self.resolved.text_encoder) * size
+        CompilePrefetch.start(model, options, self.device, CONSTRUCTION_LOCK, arriving)  # its first job reports it
 
     @classmethod
     def from_components(

@@ -517,9 +517,10 @@ class CompilePrefetch:
                                         name=f"xdit-compile-prefetch-{device}")
 
     @classmethod
-    def start(cls, transformer, options: "OptimizeOptions | None", device: torch.device,
-              construction=None) -> "CompilePrefetch | None":
-        """For ``transformer`` (built, its weights still on their way) under ``options`` on ``device``."""
+    def start(cls, transformer, options: "OptimizeOptions | None", device: torch.device, construction=None,
+              arriving: int = 0) -> "CompilePrefetch | None":
+        """For ``transformer`` (built, its weights still on their way) under ``options`` on ``device``; only while
+        the device has ``arriving`` bytes (what the load is still copying there) plus the warm-up's margin free."""
         from . import compile_cache as cc
 
         if options is None or not options.compile or options.compile_policy not in ("auto", "always"):
@@ -531,7 +532,7 @@ class CompilePrefetch:
         job = cc.prefetch_candidate(cc.model_config(transformer), graph_options, device)
         if job is None or job["key"] in _IN_MEMORY:
             return None
-        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < cc.WARM_MIN_FREE_BYTES:
+        if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < arriving + cc.WARM_MIN_FREE_BYTES:
             return None
         prefetch = cls(job, device, construction)
         _PREFETCHES[str(device)] = prefetch

@@ -300,3 +300,28 @@ def test_sharded_weights_get_their_own_key_and_no_warm_up(tiny_path, tmp_path, m
         assert r["sharded"]["key"] != r["plain"]["key"], r
         assert r["sharded"]["why"] == ("eager: first run of this shape, compiling for next time -- not possible here: "
                                        "the weights are sharded or offloaded"), r
+
+
+def test_a_prefetch_starts_only_with_room_for_the_weights_still_arriving(tiny_path, tmp_path, monkeypatch):
+    """On a GPU the prefetch's block and activations must not take the memory the load is about to fill: it starts
+    only while free memory covers the arriving weights plus the warm-up's margin; on a miss it does not start."""
+    from comfyui_xdit_cogvideo.optimize import CompilePrefetch, OptimizeOptions
+
+    transformer = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none").transformer
+    options = OptimizeOptions(compile=True, compile_policy="auto")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    cuda = torch.device("cuda", 0)
+    free = {"bytes": 0}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    monkeypatch.setattr(CompilePrefetch, "_run", lambda self, construction: None)
+    monkeypatch.setattr(cc, "prefetch_candidate", lambda config, graph_options, device: None)
+    assert CompilePrefetch.start(transformer, options, cuda, None, arriving=1 << 30) is None  # nothing marked
+    monkeypatch.setattr(cc, "prefetch_candidate", lambda config, graph_options, device: {"key": "k1"})
+    free["bytes"] = (1 << 30) + cc.WARM_MIN_FREE_BYTES - 1
+    assert CompilePrefetch.start(transformer, options, cuda, None, arriving=1 << 30) is None
+    free["bytes"] += 1
+    prefetch = CompilePrefetch.start(transformer, options, cuda, None, arriving=1 << 30)
+    assert prefetch is not None and prefetch.key == "k1"
+    prefetch._thread.join()
+    assert CompilePrefetch.start(transformer, OptimizeOptions(compile=False), cuda, None) is None
+    optimize._PREFETCHES.clear()
