@@ -6,8 +6,10 @@
 In this process (the code a pool worker runs for its first job, without the pool; its imports done first, outside
 the profile, as a worker does them before it connects): the engine's load with the
 kernel probe and the T5 preload on their threads, then a 2-step job from a prompt under the default compile
-policy, which finds ``--cache-root``'s compiled graphs. cProfile sees the main thread only: what the job waits
-for. The JSON holds the engine's own timings and the top functions by cumulative and by own time.
+policy, which finds ``--cache-root``'s compiled graphs. On Python 3.12 cProfile records every thread (the kernel
+probe's, T5's, the compile prefetch's), so its totals add up across threads: read it for which functions run at
+all, and the engine's own timings for the critical path. The JSON holds both, with the top functions by cumulative
+and by own time.
 """
 
 from __future__ import annotations
