@@ -21,16 +21,6 @@ export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PART_S=${PART_S:-555}
 . benchmarks/gpu_session_lib.sh
 
-clocks() {
-  local q="index,timestamp,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,utilization.gpu"
-  if nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv,noheader >/dev/null 2>&1; then
-    q="$q,clocks_event_reasons.active"
-  fi
-  nvidia-smi --query-gpu=$q --format=csv -lms 500 > "$OUT/${part}_clocks.csv" 2>&1 &
-  CLOCKS_PID=$!
-}
-# wait for the benchmarks only (a bare `wait` would also wait for the endless clock logger)
-wait_runs() { local j; for j in $(jobs -p); do [ "$j" = "$CLOCKS_PID" ] || wait "$j"; done; }
 
 if [ "$part" = T1 ]; then
   setup_first

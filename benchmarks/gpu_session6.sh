@@ -19,12 +19,6 @@ export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PART_S=${PART_S:-570}
 . benchmarks/gpu_session_lib.sh
 
-clocks() {
-  nvidia-smi --query-gpu=index,timestamp,clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.active \
-      --format=csv -lms 500 > "$OUT/${part}_clocks.csv" 2>&1 &
-  CLOCKS_PID=$!
-}
-wait_runs() { local j; for j in $(jobs -p); do [ "$j" = "$CLOCKS_PID" ] || wait "$j"; done; }
 build() {  # build GPU MODEL
   CUDA_VISIBLE_DEVICES=$1 python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')

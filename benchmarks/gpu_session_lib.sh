@@ -1,5 +1,6 @@
-# Shared by gpu_session_1gpu.sh and gpu_session_fsdp.sh (sourced, not run): the FA4 set-up in two device calls,
-# a per-part clock, and `step`, which runs one benchmark under its own `timeout` cut to what the part has left.
+# Shared by the gpu_session*.sh scripts (sourced, not run): the FA4 set-up in two device calls,
+# a per-part clock, `step` (one benchmark under its own `timeout`, cut to what the part has left), the GPU clock
+# logger `clocks` and `wait_runs`.
 #
 # Set-up (the machine must stay warm between the calls; a fresh machine needs both again):
 #   part setup   carry [".whl", ".fa4/p1"]          project wheels into /tmp/site; first half of the cu13 wheel
@@ -58,3 +59,15 @@ step() {
   grep -av "Warning\|warnings.warn\|Loading\|it/s\]\|float32\|^\s*$" "$OUT/$name.log" | cut -c1-300 | tail -30
   say "$name rc=$rc$([ $rc = 124 ] && echo ' (timed out)')"
 }
+
+# clocks: log SM clock, power and throttle reasons every 0.5 s to $OUT/<part>_clocks.csv in the background.
+clocks() {
+  local q="index,timestamp,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu,utilization.gpu"
+  if nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv,noheader >/dev/null 2>&1; then
+    q="$q,clocks_event_reasons.active"
+  fi
+  nvidia-smi --query-gpu=$q --format=csv -lms 500 > "$OUT/${part}_clocks.csv" 2>&1 &
+  CLOCKS_PID=$!
+}
+# wait for the benchmarks only (a bare `wait` would also wait for the endless clock logger)
+wait_runs() { local j; for j in $(jobs -p); do [ "$j" = "$CLOCKS_PID" ] || wait "$j"; done; }
