@@ -30,9 +30,11 @@ so the graphs come back even where Inductor's own cache folder differs).
 trace and Inductor's load of its code and kernels; session 6). A marker also records the job that compiled it
 (block input specs, dtype, options), so a new engine guesses the graphs its first job needs (the newest marker
 whose recorded inputs give its own key under this model and these options) and loads them on a thread while its
-weights load: one block with the same structure on the device, called once (``prefetch``). Dynamo's guards do not
-tie the graphs to that block, so every real block reuses them. A wrong guess costs that thread's time and nothing
-else: the job's own key decides as above.
+weights load: one block with the same structure on the device, called once (``optimize.CompilePrefetch``,
+``run_block_graphs``). Dynamo's guards do not tie the graphs to that block, so every real block reuses them. The
+thread holds the construction lock while it builds and calls the block (a trace beside a model build failed), so
+a T5 build or the load's optimize step waits for it. A wrong guess costs that wait and the thread's time: the
+job's own key decides as above.
 """
 
 from __future__ import annotations

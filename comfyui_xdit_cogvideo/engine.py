@@ -453,7 +453,8 @@ class _TextPreload:
 # a thousand short calls that each release the GIL (one per tensor read, copied, fused); after each, the main
 # thread waits for a busy background thread to give the GIL back, up to the default 5 ms: 3-4 s of a 2b load on an
 # H200 (to_device_s 2.3-4.6 s against 0.9 s for diffusers' whole load, BENCHMARKS.md session 5; on a CPU, 700 small
-# copies beside one busy thread: 3.9 s at 5 ms, 0.2 s at 0.1 ms, alone 0.08 s).
+# copies beside one busy thread: 3.9 s at 5 ms, 0.2 s at 0.1 ms, alone 0.08 s). Measured at 0.1 ms (session 6,
+# load_bench): the 2b copy beside the kernel probe 2.75-2.83 s against 3.92-4.70 s at 5 ms.
 LOAD_SWITCH_INTERVAL = 1e-4
 
 

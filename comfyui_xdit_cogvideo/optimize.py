@@ -554,6 +554,7 @@ class CompilePrefetch:
         self.seconds = round(time.perf_counter() - started, 3)
 
     def wait(self) -> dict:
+        """Until the thread is done (the job that needs these graphs would otherwise trace them again)."""
         self._thread.join()
         return self.describe()
 
