@@ -12,6 +12,9 @@
 #   A2 carry [.whl, .fa4/p1]             wheels; the 2b folder (GPU 0)
 #   C  carry [.fa4/p2, .fa4/wheels]      GPU 0: cold_start.py 2b as in B (prestarted, compiled and never compiled)
 #                                        GPU 1: pool_bench.py 2b, diffusers beside ours on cuDNN attention (no FA4)
+# And on one GPU (nvidia-h200), whether a prestarted GPU worker holds GPU memory before it is taken:
+#   K1 carry [.whl, .fa4/p1]             wheels
+#   K2 carry [.fa4/p2, .fa4/wheels]      spare_memory.py: GPU memory.used before / with a ready spare / with a CUDA context
 # Raw logs and JSON under $OUT; BENCHMARKS.md "Session 6" has the tables made from them.
 part=$1
 export NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_NVLS_ENABLE=0
@@ -69,6 +72,15 @@ if [ "$part" = A2 ]; then
   export PYTHONPATH=/tmp/site:$PWD
   build 0 2b
   say "model folder built"; tail -qn 1 "$OUT"/A_build_*.log; du -sh /tmp/models/*
+fi
+
+if [ "$part" = K1 ]; then
+  setup_first
+fi
+
+if [ "$part" = K2 ]; then
+  ensure_env
+  CUDA_VISIBLE_DEVICES=0 python3 benchmarks/spare_memory.py --out "$OUT/K2_spare_memory.json" 2>&1 | tail -n 3
 fi
 
 if [ "$part" = C ]; then
