@@ -202,9 +202,9 @@ _PROBES_LOCK = threading.Lock()
 def import_fast_kernels() -> list[str]:
     """Import the installed flash-attn modules ``auto`` may test (flash-attn-4: CUTLASS' DSL and its MLIR libraries,
     seconds) in a process that will run on a GPU but has no job yet (a prestarted worker), so that its kernel probe
-    later only loads and tests. FA4's import queries the device: torch's CUDA runtime initialises (measured, session
-    6); whether that also creates a context on the GPU could not be seen there (BENCHMARKS.md "Session 6"). A failure
-    is left to the probe, which imports again and decides.
+    later only loads and tests. FA4's import queries the device, so torch's CUDA runtime initialises, but no CUDA
+    context is made: a ready GPU spare holds 0 MiB of the GPU (``benchmarks/spare_memory.py``, BENCHMARKS.md
+    "Session 6"). A failure is left to the probe, which imports again and decides.
     Returns the modules imported."""
     done = []
     for name in ("fa4", "fa3"):

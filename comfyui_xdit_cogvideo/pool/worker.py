@@ -554,9 +554,9 @@ def _imports(startup: dict) -> None:
 
 
 def _gpu_imports(startup: dict) -> None:
-    """A GPU spare's further imports: flash-attn-4 (its kernel probe's import; it queries the device, so torch's
-    CUDA runtime initialises here, see ``import_fast_kernels``) and the compiler's lazy imports (the first compiled
-    block's). Records kernel_imports(_s) and compiler_imports_s."""
+    """A GPU spare's further imports: flash-attn-4 (its kernel probe's import; torch's CUDA runtime initialises, no
+    context is made, see ``import_fast_kernels``) and the compiler's lazy imports (the first compiled block's).
+    Records kernel_imports(_s) and compiler_imports_s."""
     from ..optimize import import_compiler
     from ..parallel.kernels import import_fast_kernels
 
