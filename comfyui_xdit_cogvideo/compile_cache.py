@@ -322,8 +322,8 @@ def prefetch_candidate(config: dict, graph_options: dict, device: torch.device) 
 @torch.no_grad()
 def run_block_graphs(job: dict, device: torch.device, construction=None) -> None:
     """Build one block of ``job``'s model with its options on ``device`` and call the two compiled graphs once on
-    tensors of its recorded specs: compiles them, or loads them from the caches. The weights are zeros (a graph
-    does not depend on values; a random init of a 5b block costs seconds of CPU). ``construction``: a lock held
+    tensors of its recorded specs: compiles them, or loads them from the caches. Weights and buffers are zeros (a
+    graph does not depend on values; a random init of a 5b block costs seconds of CPU). ``construction``: a lock held
     throughout, since model builds change process-wide state for a moment (accelerate patches torch.nn, diffusers
     and transformers the default dtype) and a trace beside one can fail or record the wrong dtype."""
     import contextlib
@@ -335,11 +335,11 @@ def run_block_graphs(job: dict, device: torch.device, construction=None) -> None
 
     options = OptimizeOptions(**job["options"])
     with construction if construction is not None else contextlib.nullcontext():
-        with init_empty_weights(include_buffers=False):
+        with init_empty_weights(include_buffers=True):
             transformer = CogVideoXTransformer3DModel.from_config(dict(job["config"], num_layers=1))
         transformer = transformer.to_empty(device=device).to(getattr(torch, job["dtype"]))
-        for param in transformer.parameters():
-            param.data.zero_()
+        for tensor in [*transformer.parameters(), *transformer.buffers()]:
+            tensor.data.zero_()
         transformer.eval().requires_grad_(False)
         optimize_transformer(transformer, options)
         block = transformer.transformer_blocks[0]

@@ -8,6 +8,7 @@ forward is shared out. The leader (rank 0) encodes text once and broadcasts the 
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 import threading
 import time
@@ -62,8 +63,8 @@ class CogVideoEngine:
                 probe_kernel(self.device)
             if preload_text and self.resolved.text_encoder is not None and self.resolved.tokenizer is not None:
                 self._text_preload = _TextPreload(self)
-            if self.memory.name == "fast":  # the compiled graphs the first job most likely needs, from the caches
-                self._prefetch_compiled(model, optimize)
+            if self.memory.name == "fast" and self.resolved.storage != "fp8":  # fp8-resident fuses no QKV: other
+                self._prefetch_compiled(model, optimize)  # graphs than the options say; none guessed for it
 
         with prompt_gil_handoff():
             self.transformer, self.info = load_transformer(self.resolved, self.dtype, home, self.load_timings, built)
@@ -87,7 +88,11 @@ class CogVideoEngine:
         arriving = sum(p.numel() for p in model.parameters()) * size
         if self._text_preload is not None and self._text_home().type == "cuda":
             arriving += safetensors_elements(self.resolved.text_encoder) * size
-        CompilePrefetch.start(model, options, self.device, CONSTRUCTION_LOCK, arriving)  # its first job reports it
+        try:
+            CompilePrefetch.start(model, options, self.device, CONSTRUCTION_LOCK, arriving)  # its first job reports it
+        except Exception as error:  # noqa: BLE001 - a speed-up that cannot start must not fail the load
+            logging.getLogger(__name__).warning("the compiled graphs were not prefetched: %s: %s",
+                                                type(error).__name__, error)
 
     @classmethod
     def from_components(

@@ -395,7 +395,7 @@ class Optimizer:
         spec = self._pre_args_spec = cc.args_spec(args)
         key = compile_key_of(self.transformer, self.options, spec, args[1].device)
         self._key, self.report["key"] = key, key
-        prefetch = _PREFETCHES.pop(str(args[1].device), None)
+        prefetch = self.transformer.__dict__.pop("_xdit_prefetch", None)  # started for this transformer at its load
         prefetched = prefetch is not None and prefetch.key == key
         if prefetch is not None:
             if prefetched:
@@ -403,8 +403,7 @@ class Optimizer:
             self.report["prefetch"] = dict(prefetch.describe(), used=prefetched and prefetch.state == "done")
         if key in _IN_MEMORY:
             self.compiled = True
-            why = "compiled: cache hit, loaded while the weights loaded" if prefetched and prefetch.state == "done" \
-                else "compiled: already compiled in this process"
+            why = PREFETCHED if prefetched and prefetch.state == "done" else "compiled: already compiled in this process"
         elif cc.is_compiled(key):
             self.compiled, why = True, "compiled: cache hit"
             loaded = cc.load_artifacts(key)
@@ -440,8 +439,11 @@ class Optimizer:
             first["cache"] = {k: after[k] - before.get(k, 0) for k in after}
             now = cc.compile_seconds()
             first.update({k: round(now[k] - seconds.get(k, 0.0), 3) for k in now})
-            if self.report.get("why") == "compiled: cache hit" and first["cache"].get("fx_miss"):
+            why = self.report.get("why", "")
+            if why.startswith("compiled: cache hit") and first["cache"].get("fx_miss"):
                 self.report["why"] = "compiled: marked as cached, but Inductor missed its cache and compiled anew"
+            elif why == PREFETCHED and (any(first["cache"].values()) or first.get("dynamo_s")):
+                self.report["why"] = "compiled: cache hit (the graphs loaded during the load did not fit: traced again)"
             if self._key is not None and self.compiled:
                 _IN_MEMORY.add(self._key)
                 if not cc.is_compiled(self._key):
@@ -520,10 +522,15 @@ class CompilePrefetch:
     def start(cls, transformer, options: "OptimizeOptions | None", device: torch.device, construction=None,
               arriving: int = 0) -> "CompilePrefetch | None":
         """For ``transformer`` (built, its weights still on their way) under ``options`` on ``device``; only while
-        the device has ``arriving`` bytes (what the load is still copying there) plus the warm-up's margin free."""
+        the device has ``arriving`` bytes (what the load is still copying there) plus the warm-up's margin free, and
+        only for the default compile mode (others may capture CUDA graphs, which belong to the capturing thread).
+        The transformer's Optimizer takes it at its first job (``_xdit_prefetch``)."""
+        from dataclasses import asdict
+
         from . import compile_cache as cc
 
-        if options is None or not options.compile or options.compile_policy not in ("auto", "always"):
+        if options is None or not options.compile or options.compile_policy not in ("auto", "always") \
+                or options.compile_mode is not None:
             return None
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -534,9 +541,11 @@ class CompilePrefetch:
             return None
         if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < arriving + cc.WARM_MIN_FREE_BYTES:
             return None
-        prefetch = cls(job, device, construction)
-        _PREFETCHES[str(device)] = prefetch
+        # this engine's options (the key says their graph options equal the marker's; the rest, e.g. the cache
+        # folder, must be ours)
+        prefetch = cls(dict(job, options=asdict(options)), device, construction)
         prefetch._thread.start()
+        transformer._xdit_prefetch = prefetch
         return prefetch
 
     def _run(self, construction) -> None:
@@ -544,7 +553,8 @@ class CompilePrefetch:
 
         started = time.perf_counter()
         try:
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext(), \
+                    construction if construction is not None else contextlib.nullcontext():
                 cc.load_artifacts(self.key)
                 cc.run_block_graphs(self.job, self.device, construction)
             _IN_MEMORY.add(self.key)
@@ -563,7 +573,7 @@ class CompilePrefetch:
                 **({"error": self.error} if self.error else {})}
 
 
-_PREFETCHES: dict[str, CompilePrefetch] = {}  # device -> the last prefetch started there
+PREFETCHED = "compiled: cache hit, loaded while the weights loaded"
 _GRAPH_OPTIONS = ("fuse_qkv", "compile_mode", "contiguous_v", "gelu_epilogue", "fp8")  # options in a compile key
 
 
