@@ -12,6 +12,11 @@
 #   A2 carry [.whl, .fa4/p1]             wheels; the 2b folder (GPU 0)
 #   C  carry [.fa4/p2, .fa4/wheels]      GPU 0: cold_start.py 2b as in B (prestarted, compiled and never compiled)
 #                                        GPU 1: pool_bench.py 2b, diffusers beside ours on cuDNN attention (no FA4)
+# Planned for the next session on a fresh nvidia-h200-x2 (issue 17's rest), after A (wheels and all three folders):
+#   D  carry [.fa4/p2, .fa4/wheels]      GPU 0: cold_start.py 2b again (the prefetch after its review, 4cd668b);
+#                                        GPU 1: cold_start.py 5b (its prestarted job now with the prefetch)
+#   N3 carry [.fa4/xfuser]               GPU 0: xfuser 0.7.0 on 1.5-5b per step, with and without its compile;
+#                                        GPU 1: ours on 1.5-5b without flash-attn-4 (cuDNN), per step, beside diffusers
 # And on one GPU (nvidia-h200), whether a prestarted GPU worker holds GPU memory before it is taken:
 #   K1 carry [.whl, .fa4/p1]             wheels
 #   K2 carry [.fa4/p2, .fa4/wheels]      spare_memory.py: GPU memory.used before / with a ready spare / with a CUDA context
@@ -81,6 +86,32 @@ fi
 if [ "$part" = K2 ]; then
   ensure_env
   CUDA_VISIBLE_DEVICES=0 python3 benchmarks/spare_memory.py --out "$OUT/K2_spare_memory.json" 2>&1 | tail -n 3
+fi
+
+if [ "$part" = D ]; then
+  ensure_env
+  clocks
+  CUDA_VISIBLE_DEVICES=0 step D_cold_2b 420 python3 benchmarks/cold_start.py --models 2b --models-dir /tmp/models \
+      --cache-root /tmp/cold --no-second-job --prestarted-never-compiled --out "$OUT/D_cold_2b.json" &
+  CUDA_VISIBLE_DEVICES=1 step D_cold_5b 570 python3 benchmarks/cold_start.py --models 5b --no-second-job \
+      --models-dir /tmp/models --cache-root /tmp/cold --out "$OUT/D_cold_5b.json" &
+  wait_runs
+  kill "$CLOCKS_PID" 2>/dev/null
+fi
+
+if [ "$part" = N3 ]; then
+  ensure_env
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xdit \
+      .fa4/xfuser/*.whl || { echo "N3: carry .fa4/xfuser"; exit 3; }
+  ( CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/xdit:$PYTHONPATH step N3_xfuser_15 250 torchrun --nproc_per_node=1 \
+        benchmarks/xfuser_bench.py --models 1.5-5b --steps 1.5-5b=4 --warmup 2 --budget @BUDGET@ \
+        --out "$OUT/N3_xfuser_15.json"
+    CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/xdit:$PYTHONPATH step N3_xfuser_15_compile 300 torchrun \
+        --nproc_per_node=1 benchmarks/xfuser_bench.py --models 1.5-5b --steps 1.5-5b=4 --warmup 2 --compile \
+        --budget @BUDGET@ --out "$OUT/N3_xfuser_15_compile.json" ) &
+  CUDA_VISIBLE_DEVICES=1 step N3_cudnn_15 560 python3 benchmarks/pool_bench.py --models 1.5-5b --pools "0=1" \
+      --attention cudnn --steps 8 --cold-steps 2 --models-dir /tmp/models --out "$OUT/N3_cudnn_15.json" &
+  wait
 fi
 
 if [ "$part" = C ]; then
