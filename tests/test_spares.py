@@ -274,3 +274,21 @@ def test_a_spare_that_fails_on_its_own_is_dropped_with_its_reason(tmp_path, monk
         assert prestart("cpu:1") == 1  # the slot is free again (the new one fails the same way)
     assert f"spare worker (pid {pid}) exited with code 3 before it was used" in caplog.text
     assert "ImportError: no module named torch" in caplog.text
+
+
+@pytest.mark.parametrize("visible,gpu_imports", [("0", True), ("", False)])
+def test_only_a_spare_on_a_gpu_slot_imports_the_kernels_and_the_compiler(visible, gpu_imports, monkeypatch, capsys):
+    """``_spare`` runs ``_gpu_imports`` (flash-attn-4, the compiler) when its slot has a GPU (CUDA_VISIBLE_DEVICES set
+    by ``prestart``), never on a CPU slot; then it says it is ready and, on EOF, exits quietly."""
+    import io
+
+    from comfyui_xdit_cogvideo.pool import worker
+
+    calls = []
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setattr(worker, "_imports", lambda startup: calls.append("imports"))
+    monkeypatch.setattr(worker, "_gpu_imports", lambda startup: calls.append("gpu_imports"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    assert worker._spare(["--parent-pid", str(os.getppid())]) == 0
+    assert calls == ["imports", "gpu_imports"] if gpu_imports else ["imports"]
+    assert spares.READY_LINE in capsys.readouterr().out
