@@ -463,16 +463,32 @@ class _TextPreload:
 LOAD_SWITCH_INTERVAL = 1e-4
 
 
+_HANDOFF_LOCK = threading.Lock()
+# blocks inside prompt_gil_handoff (any thread), the interval before them, the one they set (as given: the
+# interpreter keeps whole microseconds, so reading it back and setting it again would creep down)
+_HANDOFF = {"depth": 0, "previous": 0.0, "set": 0.0}
+
+
 @contextlib.contextmanager
 def prompt_gil_handoff(interval: float | None = None):
     """Lower the interpreter's switch interval to ``interval`` (default ``LOAD_SWITCH_INTERVAL``, read now; never
-    raised) for the block, then restore it."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, LOAD_SWITCH_INTERVAL if interval is None else interval))
+    raised) for the block. The setting is process-wide: the interval from before the first of overlapping blocks
+    (engines loading on several threads) comes back when the last one ends, whatever their order."""
+    with _HANDOFF_LOCK:
+        if _HANDOFF["depth"] == 0:
+            _HANDOFF["previous"] = _HANDOFF["set"] = sys.getswitchinterval()
+        _HANDOFF["depth"] += 1
+        wanted = LOAD_SWITCH_INTERVAL if interval is None else interval
+        if wanted < _HANDOFF["set"]:
+            _HANDOFF["set"] = wanted
+            sys.setswitchinterval(wanted)
     try:
         yield
     finally:
-        sys.setswitchinterval(previous)
+        with _HANDOFF_LOCK:
+            _HANDOFF["depth"] -= 1
+            if _HANDOFF["depth"] == 0:
+                sys.setswitchinterval(_HANDOFF["previous"])
 
 
 def _plan(memory: "str | MemoryPlan", groups: ParallelGroups) -> MemoryPlan:

@@ -223,6 +223,13 @@ def test_load_hands_the_gil_back_promptly_and_restores_the_interval(tiny_path, m
     with pytest.raises(RuntimeError), engine_module.prompt_gil_handoff():
         raise RuntimeError("a failed load restores it too")
     assert sys.getswitchinterval() == before
+    first, second = engine_module.prompt_gil_handoff(), engine_module.prompt_gil_handoff(2e-4)
+    first.__enter__()
+    second.__enter__()  # two loads overlapping on two threads, the first to start ends first
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == short  # the other load is still running
+    second.__exit__(None, None, None)
+    assert sys.getswitchinterval() == before
 
 
 def test_a_prestarted_worker_imports_the_fast_kernels_with_their_cache_settings(tmp_path, monkeypatch):
