@@ -27,6 +27,11 @@ export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PART_S=${PART_S:-570}
 . benchmarks/gpu_session_lib.sh
 
+cold() {  # cold NAME GPU MODEL LIMIT [ARGS...]: cold_start.py for MODEL on GPU (no second job; the shared caches)
+  local name=$1 gpu=$2 model=$3 limit=$4; shift 4
+  CUDA_VISIBLE_DEVICES=$gpu step "$name" "$limit" python3 benchmarks/cold_start.py --models "$model" --no-second-job \
+      --models-dir /tmp/models --cache-root /tmp/cold "$@" --out "$OUT/$name.json"
+}
 build() {  # build GPU MODEL
   CUDA_VISIBLE_DEVICES=$1 python3 -c "
 import sys; sys.path.insert(0, 'benchmarks')
@@ -60,15 +65,13 @@ print({"import_s": round(took, 2), "torch_cuda_initialized": torch.cuda.is_initi
 PY
   cat "$OUT/B_fa4_import_context.log" | tail -n 2
   clocks
-  ( CUDA_VISIBLE_DEVICES=0 step B_cold_2b 360 python3 benchmarks/cold_start.py --models 2b --models-dir /tmp/models \
-        --cache-root /tmp/cold --no-second-job --prestarted-never-compiled --out "$OUT/B_cold_2b.json"
+  ( cold B_cold_2b 0 2b 360 --prestarted-never-compiled
     CUDA_VISIBLE_DEVICES=0 step B_first_step_2b 90 python3 benchmarks/first_step_profile.py --model 2b \
         --cache-root /tmp/cold --out "$OUT/B_first_step_2b.json"
     CUDA_VISIBLE_DEVICES=0 step B_load_2b 120 python3 benchmarks/load_bench.py --folder /tmp/models/2b --device cuda \
         --rows ours_transformer,ours_transformer_5ms,diffusers_transformer,diffusers_pipeline \
         --out "$OUT/B_load_2b.json" ) &
-  CUDA_VISIBLE_DEVICES=1 step B_cold_5b 560 python3 benchmarks/cold_start.py --models 5b --no-second-job \
-      --models-dir /tmp/models --cache-root /tmp/cold --out "$OUT/B_cold_5b.json" &
+  cold B_cold_5b 1 5b 560 &
   wait_runs
   kill "$CLOCKS_PID" 2>/dev/null
 fi
@@ -91,10 +94,8 @@ fi
 if [ "$part" = D ]; then
   ensure_env
   clocks
-  CUDA_VISIBLE_DEVICES=0 step D_cold_2b 420 python3 benchmarks/cold_start.py --models 2b --models-dir /tmp/models \
-      --cache-root /tmp/cold --no-second-job --prestarted-never-compiled --out "$OUT/D_cold_2b.json" &
-  CUDA_VISIBLE_DEVICES=1 step D_cold_5b 570 python3 benchmarks/cold_start.py --models 5b --no-second-job \
-      --models-dir /tmp/models --cache-root /tmp/cold --out "$OUT/D_cold_5b.json" &
+  cold D_cold_2b 0 2b 420 --prestarted-never-compiled &
+  cold D_cold_5b 1 5b 570 &
   wait_runs
   kill "$CLOCKS_PID" 2>/dev/null
 fi
@@ -117,8 +118,7 @@ fi
 if [ "$part" = C ]; then
   ensure_env
   clocks
-  CUDA_VISIBLE_DEVICES=0 step C_cold_2b 420 python3 benchmarks/cold_start.py --models 2b --models-dir /tmp/models \
-      --cache-root /tmp/cold --no-second-job --prestarted-never-compiled --out "$OUT/C_cold_2b.json" &
+  cold C_cold_2b 0 2b 420 --prestarted-never-compiled &
   CUDA_VISIBLE_DEVICES=1 step C_cudnn_2b 300 python3 benchmarks/pool_bench.py --models 2b --pools "0=1" \
       --attention cudnn --cold-steps 2 --models-dir /tmp/models --out "$OUT/C_cudnn_2b.json" &
   wait_runs
