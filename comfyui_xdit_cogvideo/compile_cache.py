@@ -47,6 +47,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -300,9 +301,10 @@ JOB_FIELDS = ("dtype", "options", "config", "pre", "post")  # what rebuilds a bl
 PREFETCH_SCAN = 16  # newest markers looked at by ``prefetch_candidate``
 
 
-def prefetch_candidate(config: dict, graph_options: dict, device: torch.device) -> dict | None:
-    """The recorded job of the newest marker whose block inputs, under ``config`` and ``graph_options`` on this
-    device (and these torch/triton versions), give that marker's own key; with its ``key``. None: nothing fits."""
+def prefetch_candidate(key_of: Callable[[list], str]) -> dict | None:
+    """The recorded job of the newest marker whose block inputs give that marker's own key under ``key_of`` (the
+    key of a block call with these input specs for this model, options and device); with its ``key``. None:
+    nothing fits."""
     folder = cache_root() / MARKERS
     try:
         paths = sorted(folder.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)[:PREFETCH_SCAN]
@@ -314,7 +316,7 @@ def prefetch_candidate(config: dict, graph_options: dict, device: torch.device) 
         except (OSError, ValueError, AttributeError):
             continue
         if isinstance(job, dict) and all(k in job for k in JOB_FIELDS) \
-                and compile_key(config, graph_options, job["pre"], device) == path.stem:
+                and key_of(job["pre"]) == path.stem:
             return dict(job, key=path.stem)
     return None
 

@@ -84,10 +84,9 @@ class CogVideoEngine:
             options = OptimizeOptions.parse(optimize, self.device)
         except ValueError:
             return  # the engine's own optimize() reports the bad flags
-        size = torch.finfo(self.dtype).bits // 8
-        arriving = sum(p.numel() for p in model.parameters()) * size
+        arriving = sum(p.numel() for p in model.parameters()) * self.dtype.itemsize
         if self._text_preload is not None and self._text_home().type == "cuda":
-            arriving += safetensors_elements(self.resolved.text_encoder) * size
+            arriving += safetensors_elements(self.resolved.text_encoder) * self.dtype.itemsize
         try:
             CompilePrefetch.start(model, options, self.device, CONSTRUCTION_LOCK, arriving)  # its first job reports it
         except Exception as error:  # noqa: BLE001 - a speed-up that cannot start must not fail the load

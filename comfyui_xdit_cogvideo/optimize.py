@@ -535,8 +535,7 @@ class CompilePrefetch:
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         _setup_compile_cache(options.cache_dir)
-        graph_options = {k: getattr(options, k) for k in _GRAPH_OPTIONS}
-        job = cc.prefetch_candidate(cc.model_config(transformer), graph_options, device)
+        job = cc.prefetch_candidate(lambda pre_spec: compile_key_of(transformer, options, pre_spec, device))
         if job is None or job["key"] in _IN_MEMORY:
             return None
         if device.type == "cuda" and torch.cuda.mem_get_info(device)[0] < arriving + cc.WARM_MIN_FREE_BYTES:
@@ -574,14 +573,14 @@ class CompilePrefetch:
 
 
 PREFETCHED = "compiled: cache hit, loaded while the weights loaded"
-_GRAPH_OPTIONS = ("fuse_qkv", "compile_mode", "contiguous_v", "gelu_epilogue", "fp8")  # options in a compile key
 
 
 def compile_key_of(transformer, options: OptimizeOptions, pre_spec: list, device: torch.device) -> str:
     """The compile-cache key of a block call: model config, the options that change the graphs, input specs."""
     from . import compile_cache as cc
 
-    graph_options = {k: getattr(options, k) for k in _GRAPH_OPTIONS}
+    graph_options = {k: getattr(options, k) for k in ("fuse_qkv", "compile_mode", "contiguous_v", "gelu_epilogue",
+                                                      "fp8")}
     if getattr(transformer, "_xdit_shard_group", None) is not None:  # FSDP's gathered weights: other graphs
         graph_options["fsdp_shards"] = transformer._xdit_shard_size
     return cc.compile_key(cc.model_config(transformer), graph_options, pre_spec, device)

@@ -314,9 +314,9 @@ def test_a_prefetch_starts_only_with_room_for_the_weights_still_arriving(tiny_pa
     free = {"bytes": 0}
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
     monkeypatch.setattr(CompilePrefetch, "_run", lambda self, construction: None)
-    monkeypatch.setattr(cc, "prefetch_candidate", lambda config, graph_options, device: None)
+    monkeypatch.setattr(cc, "prefetch_candidate", lambda key_of: None)
     assert CompilePrefetch.start(transformer, options, cuda, None, arriving=1 << 30) is None  # nothing marked
-    monkeypatch.setattr(cc, "prefetch_candidate", lambda config, graph_options, device: {"key": "k1"})
+    monkeypatch.setattr(cc, "prefetch_candidate", lambda key_of: {"key": "k1"})
     free["bytes"] = (1 << 30) + cc.WARM_MIN_FREE_BYTES - 1
     assert CompilePrefetch.start(transformer, options, cuda, None, arriving=1 << 30) is None
     free["bytes"] += 1

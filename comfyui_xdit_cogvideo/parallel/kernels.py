@@ -172,10 +172,8 @@ def kernel_works(name: str, device: torch.device | str) -> bool:
         if key in _WORKS:
             return _WORKS[key]
         try:
-            if name == "fa4":
-                _fa4_cache_defaults()
             if name in _MODULE_OF:
-                importlib.import_module(_MODULE_OF[name])
+                _import_kernel(name)
             with CONSTRUCTION_LOCK:
                 _WORKS[key] = _self_test(name, device)
         except Exception:  # noqa: BLE001 - any failure means "do not pick it automatically"
@@ -208,17 +206,21 @@ def import_fast_kernels() -> list[str]:
     Returns the modules imported."""
     done = []
     for name in ("fa4", "fa3"):
-        module = _MODULE_OF[name]
-        if not _installed(module):
+        if not _installed(_MODULE_OF[name]):
             continue
         try:
-            if name == "fa4":
-                _fa4_cache_defaults()  # read at its import
-            importlib.import_module(module)
-            done.append(module)
+            _import_kernel(name)
+            done.append(_MODULE_OF[name])
         except Exception:  # noqa: BLE001 - the probe reports what does not import
             pass
     return done
+
+
+def _import_kernel(name: str) -> None:
+    """Import a flash-attn kernel's module; FA4 with its disk cache switched on (read at its import)."""
+    if name == "fa4":
+        _fa4_cache_defaults()
+    importlib.import_module(_MODULE_OF[name])
 
 
 def _needs_self_test(device: torch.device) -> bool:
