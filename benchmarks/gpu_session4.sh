@@ -16,16 +16,13 @@
 #   U3 (nothing)                            both GPUs: multi_gpu.py ulysses2/ring2 under compile=auto (the pool's
 #               default); decode_bench (pools 0 and 0,1); pool_bench 2b ulysses2/ring2; a 5b profile of both
 part=$1
-export NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_NVLS_ENABLE=0
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PART_S=${PART_S:-555}
 . benchmarks/gpu_session_lib.sh
 
 
 if [ "$part" = T1 ]; then
   setup_first
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xdit \
-      .fa4/xfuser/*.whl || { echo "T1: carry .fa4/xfuser"; exit 3; }
+  install_xfuser
   export PYTHONPATH=/tmp/site:$PWD
   python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
   clocks
@@ -104,5 +101,5 @@ if [ "$part" = U3 ]; then
   step U3_prof_5b 150 torchrun --nproc_per_node=2 benchmarks/profile_layouts.py --out "$OUT/U3_prof_5b.json" \
       --model 5b --layouts "1;ulysses2;ring2"
 fi
-[ -n "$CLOCKS_PID" ] && kill "$CLOCKS_PID" 2>/dev/null
+stop_clocks
 say "part $part done"

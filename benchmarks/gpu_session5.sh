@@ -11,24 +11,19 @@
 #   N2 carry [.fa4/p2, .fa4/wheels]          GPU 0: plain diffusers' 1.5-5b jobs (cold short job, then 50 steps);
 #                                            GPU 1: ours (new pool: short job, then 50 steps), same folder
 part=$1
-export NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_NVLS_ENABLE=0
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PART_S=${PART_S:-420}
 . benchmarks/gpu_session_lib.sh
 
 if [ "$part" = W ]; then
   ensure_env
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xdit \
-      .fa4/xfuser/*.whl || { echo "W: carry .fa4/xfuser"; exit 3; }
-  nvidia-smi --query-gpu=index,clocks.sm,power.draw,utilization.gpu,clocks_event_reasons.active --format=csv \
-      -lms 500 > "$OUT/W_clocks.csv" 2>&1 &
-  CLOCKS_PID=$!
+  install_xfuser
+  clocks
   CUDA_VISIBLE_DEVICES=0 step W_cold_2b 300 python3 benchmarks/cold_start.py --models 2b --models-dir /tmp/models \
       --cache-root /tmp/cold --no-second-job --out "$OUT/W_cold_2b.json"
   PYTHONPATH=/tmp/xdit:$PYTHONPATH step W_xfuser_ring_cudnn 110 torchrun --nproc_per_node=2 \
       benchmarks/xfuser_bench.py --ring 2 --attention-backend CUDNN --models 2b,5b --steps 2b=6,5b=5 --warmup 2 \
       --budget @BUDGET@ --out "$OUT/W_xfuser_ring_cudnn.json"
-  kill "$CLOCKS_PID" 2>/dev/null
+  stop_clocks
 fi
 if [ "$part" = N1 ]; then
   setup_first

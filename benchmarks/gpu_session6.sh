@@ -22,8 +22,6 @@
 #   K2 carry [.fa4/p2, .fa4/wheels]      spare_memory.py: GPU memory.used before / with a ready spare / with a CUDA context
 # Raw logs and JSON under $OUT; BENCHMARKS.md "Session 6" has the tables made from them.
 part=$1
-export NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_NVLS_ENABLE=0
-export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 PART_S=${PART_S:-570}
 . benchmarks/gpu_session_lib.sh
 
@@ -73,7 +71,7 @@ PY
         --out "$OUT/B_load_2b.json" ) &
   cold B_cold_5b 1 5b 560 &
   wait_runs
-  kill "$CLOCKS_PID" 2>/dev/null
+  stop_clocks
 fi
 if [ "$part" = A2 ]; then
   setup_first
@@ -97,13 +95,12 @@ if [ "$part" = D ]; then
   cold D_cold_2b 0 2b 420 --prestarted-never-compiled &
   cold D_cold_5b 1 5b 570 &
   wait_runs
-  kill "$CLOCKS_PID" 2>/dev/null
+  stop_clocks
 fi
 
 if [ "$part" = N3 ]; then
   ensure_env
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xdit \
-      .fa4/xfuser/*.whl || { echo "N3: carry .fa4/xfuser"; exit 3; }
+  install_xfuser
   ( CUDA_VISIBLE_DEVICES=0 PYTHONPATH=/tmp/xdit:$PYTHONPATH step N3_xfuser_15 250 torchrun --nproc_per_node=1 \
         benchmarks/xfuser_bench.py --models 1.5-5b --steps 1.5-5b=4 --warmup 2 --budget @BUDGET@ \
         --out "$OUT/N3_xfuser_15.json"
@@ -122,6 +119,6 @@ if [ "$part" = C ]; then
   CUDA_VISIBLE_DEVICES=1 step C_cudnn_2b 300 python3 benchmarks/pool_bench.py --models 2b --pools "0=1" \
       --attention cudnn --cold-steps 2 --models-dir /tmp/models --out "$OUT/C_cudnn_2b.json" &
   wait_runs
-  kill "$CLOCKS_PID" 2>/dev/null
+  stop_clocks
 fi
 say "part $part done"

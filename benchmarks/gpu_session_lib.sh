@@ -1,6 +1,6 @@
 # Shared by the gpu_session*.sh scripts (sourced, not run): the FA4 set-up in two device calls,
 # a per-part clock, `step` (one benchmark under its own `timeout`, cut to what the part has left), the GPU clock
-# logger `clocks` and `wait_runs`.
+# logger `clocks` with `wait_runs` and `stop_clocks`, `install_xfuser`, and the NCCL settings every part runs with.
 #
 # Set-up (the machine must stay warm between the calls; a fresh machine needs both again):
 #   part setup   carry [".whl", ".fa4/p1"]          project wheels into /tmp/site; first half of the cu13 wheel
@@ -9,6 +9,8 @@
 # SMOKE=1 runs the same steps on the CPU with the tiny models (checks this shell logic without a GPU).
 
 export PYTHONUNBUFFERED=1 XDIT_COGVIDEO_CACHE=${XDIT_COGVIDEO_CACHE:-/tmp/xdit-cache} CU13X=/tmp/cu13x
+export NCCL_DEBUG=WARN TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_NVLS_ENABLE=0
+export TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 PART_S=${PART_S:-520}   # seconds one part may take (a device call allows at most 600 s; keep a margin)
 T0=$(date +%s)
@@ -71,3 +73,10 @@ clocks() {
 }
 # wait for the benchmarks only (a bare `wait` would also wait for the endless clock logger)
 wait_runs() { local j; for j in $(jobs -p); do [ "$j" = "$CLOCKS_PID" ] || wait "$j"; done; }
+stop_clocks() { [ -n "$CLOCKS_PID" ] && kill "$CLOCKS_PID" 2>/dev/null; }
+
+# install_xfuser: xfuser 0.7.0 and its own dependencies into /tmp/xdit (the part carries .fa4/xfuser)
+install_xfuser() {
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xdit \
+      .fa4/xfuser/*.whl || { echo "part $part: carry .fa4/xfuser"; exit 3; }
+}
