@@ -152,7 +152,8 @@ class CogVideoEngine:
         self.load_timings["optimize_s"] = round(now - mark, 3)
         self.rebind(self.groups, attention)  # waits for the kernel probe started before the load, if any
         self.load_timings["attention_s"] = round(time.perf_counter() - now, 3)
-        probe = probe_seconds(self.device)
+        # resolving "auto" took the probe's answer, so the probe is at most recording its time: let it
+        probe = probe_seconds(self.device, wait=5.0 if attention == "auto" else 0.0)
         if probe is not None:
             self.load_timings["kernel_probe_s"] = probe  # its own duration, mostly hidden behind the load
 

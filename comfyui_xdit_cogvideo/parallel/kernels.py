@@ -262,9 +262,13 @@ def probe_kernel(device: torch.device | str) -> bool:
     return True
 
 
-def probe_seconds(device: torch.device | str) -> float | None:
-    """How long the background probe of ``device`` took (None: none ran, or it is still running)."""
-    return _PROBES.get(str(torch.device(device)), {}).get("seconds")
+def probe_seconds(device: torch.device | str, wait: float = 0.0) -> float | None:
+    """How long the background probe of ``device`` took (None: none ran, or it is still running after ``wait``
+    seconds). Once ``resolve_kernel`` has its answer the probe is only recording its time: a short ``wait`` lets it."""
+    probe = _PROBES.get(str(torch.device(device)), {})
+    if "thread" in probe and wait > 0:
+        probe["thread"].join(wait)
+    return probe.get("seconds")
 
 
 # GPU generations (compute capability majors) on which ``auto`` may pick flash-attn-4: Hopper (9) and datacenter
