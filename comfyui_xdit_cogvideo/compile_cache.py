@@ -32,8 +32,8 @@ trace and Inductor's load of its code and kernels; session 6). A marker also rec
 whose recorded inputs give its own key under this model and these options) and loads them on a thread while its
 weights load: one block with the same structure on the device, called once (``optimize.CompilePrefetch``,
 ``run_block_graphs``). Dynamo's guards do not tie the graphs to that block, so every real block reuses them. The
-thread holds the construction lock while it builds and calls the block (a trace beside a model build failed), so
-a T5 build or the load's optimize step waits for it. A wrong guess costs that wait and the thread's time: the
+thread holds the construction lock exclusively while it builds the block and shared while it calls it (a trace
+beside a model build failed; beside the load's optimize step or T5's encode it runs). A wrong guess costs that wait and the thread's time: the
 job's own key decides as above.
 """
 
@@ -325,9 +325,10 @@ def prefetch_candidate(key_of: Callable[[list], str]) -> dict | None:
 def run_block_graphs(job: dict, device: torch.device, construction=None) -> None:
     """Build one block of ``job``'s model with its options on ``device`` and call the two compiled graphs once on
     tensors of its recorded specs: compiles them, or loads them from the caches. Weights and buffers are zeros (a
-    graph does not depend on values; a random init of a 5b block costs seconds of CPU). ``construction``: a lock held
-    throughout, since model builds change process-wide state for a moment (accelerate patches torch.nn, diffusers
-    and transformers the default dtype) and a trace beside one can fail or record the wrong dtype."""
+    graph does not depend on values; a random init of a 5b block costs seconds of CPU). ``construction``: the
+    ``ConstructionLock``, held exclusively for the build (accelerate patches torch.nn and ``torch.empty`` for every
+    thread while it builds) and shared for the calls (a trace beside a build can fail or record the wrong dtype;
+    beside a fuse, an encode or another trace it is fine)."""
     import contextlib
 
     from accelerate import init_empty_weights
@@ -344,8 +345,9 @@ def run_block_graphs(job: dict, device: torch.device, construction=None) -> None
             tensor.data.zero_()
         transformer.eval().requires_grad_(False)
         optimize_transformer(transformer, options)
-        block = transformer.transformer_blocks[0]
-        pre, post = _compiled(options.compile_mode)
+    block = transformer.transformer_blocks[0]
+    pre, post = _compiled(options.compile_mode)
+    with construction.shared() if construction is not None else contextlib.nullcontext():
         pre(block, *_args(job["pre"], device))
         post(block, *_args(job["post"], device))
         if device.type == "cuda":

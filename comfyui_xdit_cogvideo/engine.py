@@ -25,6 +25,7 @@ from .memory import MemoryPlan
 from .parallel.groups import ParallelGroups
 from .parallel.kernels import probe_kernel, probe_seconds, resolve_kernel
 from .request import GenerationRequest
+from .variants import ModelInfo
 
 StepCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -41,10 +42,12 @@ class CogVideoEngine:
         optimize="auto",
         loras=(),
         memory: "str | MemoryPlan" = "fast",
-        preload_text: bool = False,
+        preload_text: bool | tuple[str, str] = False,
     ):
         """``preload_text``: load T5 on a thread while the transformer loads (the first job encodes a prompt),
-        instead of when the first prompt is encoded."""
+        instead of when the first prompt is encoded; a (prompt, negative prompt) pair is also encoded on that
+        thread once T5 is loaded, so the first job finds its embeddings ready (its first T5 call, 0.8 s on an
+        H200, overlaps the load too)."""
         self.source = ModelSource(source) if isinstance(source, str) else source
         self.resolved = self.source.resolve()
         self.dtype, self.device = parse_dtype(dtype), torch.device(device)
@@ -57,12 +60,14 @@ class CogVideoEngine:
         self._vae = None
         self._text = None
         self._text_preload = None
+        self._early_text: _EarlyText | None = None
 
         def built(model) -> None:  # the transformer is built, its bytes are about to move: start what can overlap
             if attention == "auto":  # the kernel's self-test (flash-attn's import and JIT)
                 probe_kernel(self.device)
             if preload_text and self.resolved.text_encoder is not None and self.resolved.tokenizer is not None:
-                self._text_preload = _TextPreload(self)
+                first = preload_text if isinstance(preload_text, tuple) else None
+                self._text_preload = _TextPreload(self, first, ModelInfo.from_config(model.config).text_len)
             if self.memory.name == "fast" and self.resolved.storage != "fp8":  # fp8-resident fuses no QKV: other
                 self._prefetch_compiled(model, optimize)  # graphs than the options say; none guessed for it
 
@@ -117,7 +122,6 @@ class CogVideoEngine:
         from pathlib import Path
 
         from .loading import ResolvedSource
-        from .variants import ModelInfo
 
         self = cls.__new__(cls)
         param = next(transformer.parameters())
@@ -133,6 +137,7 @@ class CogVideoEngine:
         self._vae = vae
         self._text = (tokenizer, text_encoder.to(self._text_home())) if text_encoder is not None else None
         self._text_preload = None
+        self._early_text = None
         self._setup(attention, optimize)
         self.set_loras(loras)
         return self
@@ -144,7 +149,7 @@ class CogVideoEngine:
         self.timings: dict = {}  # the last generate's phases, in seconds (pool status, CLI summary)
         self.lora = LoraManager(self.transformer)
         mark = time.perf_counter()
-        with CONSTRUCTION_LOCK:  # never while a T5 preload's build has torch's default dtype changed
+        with CONSTRUCTION_LOCK.shared():  # never during a T5 preload's build; beside the prefetch's trace
             self.optimize(optimize)  # before sharding: fusing QKV rewrites the weights
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -162,7 +167,7 @@ class CogVideoEngine:
         weights, replacing the previous set; the base model is never reloaded (``comfyui_xdit_cogvideo.lora``)."""
         if self.lora.is_current(loras):
             return  # nothing changes: no need to wait for a T5 preload's build
-        with CONSTRUCTION_LOCK:  # LoRA conversion makes tensors in the default dtype: not during a T5 preload's build
+        with CONSTRUCTION_LOCK.shared():  # LoRA conversion makes tensors in the default dtype: not during a build
             self.lora.set(loras)
 
     @property
@@ -257,13 +262,13 @@ class CogVideoEngine:
     def has_vae(self) -> bool:
         return self._vae is not None or self.resolved.vae is not None
 
-    def _pipeline(self, scheduler: str | None, text: bool = False):
+    def _pipeline(self, scheduler: str | None):
+        """The stock pipeline that samples (prompt embeddings given: no text encoder)."""
         from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
         cls = CogVideoXImageToVideoPipeline if self.info.image_to_video else CogVideoXPipeline
-        tokenizer, encoder = self._text_encoder() if text else (None, None)
         vae = self.vae if (self.info.image_to_video or self.has_vae) else None
-        pipe = cls(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=self.transformer,
+        pipe = cls(tokenizer=None, text_encoder=None, vae=vae, transformer=self.transformer,
                    scheduler=load_scheduler(self.resolved, self.info, scheduler))
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -279,7 +284,10 @@ class CogVideoEngine:
                 preload, self._text_preload = self._text_preload, None
                 self._text = preload.result()  # its error, if any, is raised here, as a load here would
                 self._text[1].to(self._text_home())  # the memory plan may have changed since it started
+                self._early_text = preload.early
                 self.timings["text_preload_s"] = preload.seconds  # its own duration, overlapped with the load
+                if preload.early is not None:
+                    self.timings["text_early_encode_s"] = preload.early.seconds
             else:
                 self._text = load_text_encoder(self.resolved, self.dtype, self._text_home())
             if self.device.type == "cuda":
@@ -302,16 +310,18 @@ class CogVideoEngine:
         """T5 embeddings [1, 226, D] for prompt and negative prompt, exactly as diffusers' pipeline makes them.
 
         Text placement 'swap' moves T5 onto the device for the encode and back to the CPU after; 'cpu' encodes on
-        the CPU (the embeddings then move to the device)."""
-        pipe = self._pipeline(None, text=True)
-        encoder = self._text[1]
+        the CPU (the embeddings then move to the device). The first job's pair may already be encoded by the T5
+        preload (``preload_text``), on the same device with the same code."""
+        tokenizer, encoder = self._text_encoder()
         where = torch.device("cpu") if self.memory.text == "cpu" else self.device
+        early, self._early_text = self._early_text, None  # used once: later jobs encode as usual
+        if early is not None and early.key == (prompt, negative_prompt, str(where), self.info.text_len, self.dtype):
+            return early.positive.to(self.device), early.negative.to(self.device)
         if self.memory.text == "swap":
             encoder.to(self.device)
         try:
-            positive, negative = pipe.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=True,
-                                                    num_videos_per_prompt=1, max_sequence_length=self.info.text_len,
-                                                    device=where, dtype=self.dtype)
+            positive, negative = encode_text(tokenizer, encoder, prompt, negative_prompt, self.info.text_len, where,
+                                             self.dtype)
         finally:
             if self.memory.text == "swap":
                 encoder.to("cpu")
@@ -424,28 +434,68 @@ class CogVideoEngine:
         return decode_latents(self.vae, latents, frames, tiled=tiled)
 
 
+def encode_text(tokenizer, encoder, prompt: str, negative_prompt: str, text_len: int, where: torch.device,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """diffusers' ``CogVideoXPipeline.encode_prompt`` with classifier-free guidance (the image-to-video pipeline's is
+    a copy of it), on a pipeline that holds only the tokenizer and T5."""
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
+    return pipe.encode_prompt(prompt, negative_prompt, do_classifier_free_guidance=True, num_videos_per_prompt=1,
+                              max_sequence_length=text_len, device=where, dtype=dtype)
+
+
+class _EarlyText:
+    """The first job's embeddings, encoded by the T5 preload; ``key`` says for which prompt pair, device, length
+    and dtype they hold."""
+
+    def __init__(self, key: tuple, positive: torch.Tensor, negative: torch.Tensor, seconds: float):
+        self.key, self.positive, self.negative, self.seconds = key, positive, negative, seconds
+
+
 class _TextPreload:
     """T5 loading on a daemon thread (started while the transformer's weights are copied): its build holds
-    ``CONSTRUCTION_LOCK``, its copy onto the device overlaps the engine's own work."""
+    ``CONSTRUCTION_LOCK``, its copy onto the device overlaps the engine's own work. With ``prompt`` (the first job's
+    prompt and negative prompt) it then encodes them where the engine's encode would (T5's home: the device under
+    text placement 'gpu', the CPU under 'cpu'; not under 'swap', whose encode moves T5), holding the lock shared; a
+    failed early encode is only logged, since the job encodes again and reports its own error."""
 
-    def __init__(self, engine: "CogVideoEngine"):
+    def __init__(self, engine: "CogVideoEngine", prompt: tuple[str, str] | None, text_len: int):
         self.seconds: float | None = None
+        self.early: _EarlyText | None = None
         self._value = self._error = None
         resolved, dtype, home, device = engine.resolved, engine.dtype, engine._text_home(), engine.device
-        self._thread = threading.Thread(target=self._run, args=(resolved, dtype, home, device),
+        encode = (prompt, text_len) if prompt is not None and engine.memory.text in ("gpu", "cpu") else None
+        self._thread = threading.Thread(target=self._run, args=(resolved, dtype, home, device, encode),
                                         name="xdit-text-preload", daemon=True)
         self._thread.start()
 
-    def _run(self, resolved, dtype, home, device) -> None:
+    def _run(self, resolved, dtype, home, device, encode) -> None:
         started = time.perf_counter()
         try:
             with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
                 self._value = load_text_encoder(resolved, dtype, home)
                 if home.type == "cuda":
                     torch.cuda.synchronize(home)
+                if encode is not None:
+                    self._encode_early(*encode, home, dtype)
         except BaseException as error:  # noqa: BLE001 - raised on the engine's thread by result()
             self._error = error
         self.seconds = round(time.perf_counter() - started, 3)
+
+    def _encode_early(self, prompt: tuple[str, str], text_len: int, where: torch.device, dtype: torch.dtype) -> None:
+        mark = time.perf_counter()
+        try:
+            with CONSTRUCTION_LOCK.shared(), torch.no_grad():
+                positive, negative = encode_text(*self._value, *prompt, text_len, where, dtype)
+            if where.type == "cuda":
+                torch.cuda.synchronize(where)
+        except Exception as error:  # noqa: BLE001 - the job's own encode runs instead
+            logging.getLogger(__name__).warning("the first prompt was not encoded early: %s: %s",
+                                                type(error).__name__, error)
+            return
+        key = (*prompt, str(where), text_len, dtype)
+        self.early = _EarlyText(key, positive, negative, round(time.perf_counter() - mark, 3))
 
     def result(self):
         self._thread.join()

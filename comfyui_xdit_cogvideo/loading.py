@@ -10,7 +10,6 @@ device; the text encoder and VAE load only when first needed, since T5-XXL alone
 from __future__ import annotations
 
 import json
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,16 +17,11 @@ from typing import Callable
 
 import torch
 
+from .construction import CONSTRUCTION_LOCK  # builds hold it exclusively (construction.py says why)
 from .formats import (FP8_DTYPES, check_derivative, dequantize, native_to_diffusers, native_to_diffusers_key,
                       quant_formats, transformer_layout, upcast)
 from .tiny import TINY_VARIANTS, ensure_tiny
 from .variants import ModelError, ModelInfo, config_from_shapes
-
-# Building a model changes process-wide torch state for a moment (diffusers and transformers set the default dtype
-# and patch torch.nn.init / register_parameter while they construct): whatever builds models, or depends on that
-# state, holds this lock, so a background thread (the attention kernel's self-test) never sees it half-changed.
-# Copies onto the device happen outside it, so they overlap with such a thread.
-CONSTRUCTION_LOCK = threading.RLock()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STORAGES = ("upcast", "fp8")

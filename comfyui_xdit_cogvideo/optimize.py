@@ -552,9 +552,9 @@ class CompilePrefetch:
 
         started = time.perf_counter()
         try:
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext(), \
-                    construction if construction is not None else contextlib.nullcontext():
-                cc.load_artifacts(self.key)
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+                with construction.shared() if construction is not None else contextlib.nullcontext():
+                    cc.load_artifacts(self.key)
                 cc.run_block_graphs(self.job, self.device, construction)
             _IN_MEMORY.add(self.key)
             self.state = "done"

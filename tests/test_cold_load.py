@@ -178,6 +178,63 @@ def test_t5_preload_overlaps_the_transformer_load_and_encodes_the_same(tiny_path
     assert "text_preload_s" not in lazy.timings
 
 
+def test_the_first_prompt_is_encoded_on_the_preload_thread_with_the_same_embeddings(tiny_path, monkeypatch):
+    """preload_text=(prompt, negative): T5's first call runs on the preload thread as soon as T5 is loaded; the
+    first job takes those embeddings (equal to an encode on demand), later jobs and other prompts encode as usual."""
+    from comfyui_xdit_cogvideo import GenerationRequest
+
+    real = engine_module.encode_text
+    calls = []
+
+    def encode(*args, **kwargs):
+        calls.append((threading.current_thread().name, args[2], args[3]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "encode_text", encode)
+    lazy = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none")
+    request = GenerationRequest(prompt="a dog", negative_prompt="blurry", frames=9, height=32, width=48, steps=2,
+                                seed=3)
+    want = lazy.generate(request)
+    assert calls == [("MainThread", "a dog", "blurry")]
+    calls.clear()
+    early = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none", preload_text=("a dog", "blurry"))
+    assert torch.equal(early.generate(request), want)
+    assert calls == [("xdit-text-preload", "a dog", "blurry")]
+    assert early.timings["text_early_encode_s"] >= 0
+    assert torch.equal(early.generate(request), want)  # used once: the second job encodes again
+    assert calls[1:] == [("MainThread", "a dog", "blurry")]
+
+    calls.clear()
+    other = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none", preload_text=("a cat", ""))
+    assert torch.equal(other.generate(request), want)  # another prompt came: encoded on demand, the early one unused
+    assert calls == [("xdit-text-preload", "a cat", ""), ("MainThread", "a dog", "blurry")]
+
+
+def test_no_early_encode_where_the_encode_would_move_t5(tiny_path, monkeypatch):
+    """Text placement 'swap' moves T5 onto the device only for the encode: the preload leaves it on the CPU and
+    encodes nothing early. A failing early encode is only logged: the job encodes on its own."""
+    from comfyui_xdit_cogvideo.memory import MemoryPlan
+
+    swap = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none", preload_text=("a dog", ""),
+                          memory=MemoryPlan("fast", 1, "swap"))
+    swap.encode_prompt("a dog")
+    assert "text_early_encode_s" not in swap.timings and "text_preload_s" in swap.timings
+
+    real = engine_module.encode_text
+
+    def flaky(*args, **kwargs):
+        if threading.current_thread().name == "xdit-text-preload":
+            raise RuntimeError("CUDA out of memory (early)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine_module, "encode_text", flaky)
+    engine = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none", preload_text=("a dog", ""))
+    positive, _ = engine.encode_prompt("a dog")
+    assert "text_early_encode_s" not in engine.timings
+    lazy = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none")
+    assert torch.equal(positive, lazy.encode_prompt("a dog")[0])
+
+
 def test_a_failed_t5_preload_fails_the_encode_not_the_load(tiny_path, monkeypatch):
     from comfyui_xdit_cogvideo import GenerationRequest
     from comfyui_xdit_cogvideo.errors import ModelError

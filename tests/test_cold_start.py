@@ -218,6 +218,7 @@ def test_pool_status_names_where_the_time_went(tiny_path, monkeypatch):
         assert {"read_s", "to_device_s", "optimize_s", "attention_s", "loras_s"} <= set(job["load"]), job
         assert 0 <= job["text_load_s"] <= job["text_s"] and status["startup"]["kernel_probe"] is False
         assert job["text_preload_s"] >= 0  # the prompt needs T5: it loaded alongside the transformer
+        assert job["text_early_encode_s"] >= 0  # and encoded this job's prompt there
         assert status["compile"]["why"] == "eager: compile off" and status["compile"]["policy"] == "off"
         assert {"pre_s", "attention_s", "post_s"} <= set(status["compile"]["first_block"])
         pool.generate(ModelSpec("tiny", dtype="fp32"), request)

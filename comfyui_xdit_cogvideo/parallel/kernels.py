@@ -160,11 +160,10 @@ def kernel_works(name: str, device: torch.device | str) -> bool:
 
     Guards ``auto`` against a kernel that imports but cannot run here (an unsupported GPU generation, a
     driver too old for its JIT, a missing runtime library). Thread-safe: it may run on ``probe_kernel``'s thread
-    while the weights load. The kernel's module is imported first; the calls then hold
-    ``loading.CONSTRUCTION_LOCK``, so they never run while torch's default dtype or init functions are changed
-    by a model being built.
+    while the weights load. The kernel's module is imported first; the calls then hold the construction lock
+    shared, so they never run while torch's default dtype or init functions are changed by a model being built.
     """
-    from ..loading import CONSTRUCTION_LOCK
+    from ..construction import CONSTRUCTION_LOCK
 
     device = torch.device(device)
     key = (name, str(device))
@@ -174,7 +173,7 @@ def kernel_works(name: str, device: torch.device | str) -> bool:
         try:
             if name in _MODULE_OF:
                 _import_kernel(name)
-            with CONSTRUCTION_LOCK:
+            with CONSTRUCTION_LOCK.shared():
                 _WORKS[key] = _self_test(name, device)
         except Exception:  # noqa: BLE001 - any failure means "do not pick it automatically"
             if threading.current_thread() is not threading.main_thread():

@@ -206,12 +206,13 @@ class Worker:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def engine_for(self, spec: p.ModelSpec, report: bool, job: int, plan=None, text: bool = False):
+    def engine_for(self, spec: p.ModelSpec, report: bool, job: int, plan=None, text: bool | tuple[str, str] = False):
         """The resident engine for ``spec``, loading it only when the weights, dtype or memory placement changed.
 
         ``plan`` (a memory.MemoryPlan) None: any resident engine of these weights will do (text encoding), else one
         built under the spec's memory plan (auto = low: the transformer waits on the CPU, T5 visits the GPU).
-        ``text``: this rank will encode text in this job, so a new engine loads T5 alongside the transformer."""
+        ``text``: this rank will encode text in this job, so a new engine loads T5 alongside the transformer (a
+        (prompt, negative prompt) pair: and encodes it there, ``CogVideoEngine(preload_text=...)``)."""
         from ..engine import CogVideoEngine
         from ..memory import MemoryPlan
         from ..parallel import ParallelGroups
@@ -352,8 +353,9 @@ class Worker:
         plan = MemoryPlan.from_wire(args.get("memory")) or MemoryPlan.default(spec.memory, groups.layout.world_size)
         request = GenerationRequest(**args["request"])
         started, loads = time.perf_counter(), self.loads
-        text = groups.is_leader and CogVideoEngine.needs_text(request)  # the leader encodes: T5 loads alongside
-        engine = self.engine_for(spec, groups.is_leader, job.id, plan, text=text)
+        text = groups.is_leader and CogVideoEngine.needs_text(request)  # the leader encodes: T5 loads alongside,
+        first = (request.prompt or "", request.negative_prompt) if text else False  # and encodes this job's prompt
+        engine = self.engine_for(spec, groups.is_leader, job.id, plan, text=first)
         loaded = time.perf_counter()
         self.configure(engine, groups, spec.attention)
         engine.set_loras(spec.loras)  # merged in place: the base is never reloaded
@@ -424,10 +426,11 @@ class Worker:
         return fit_tiling(vae, tuple(latents.shape[-2:]), int(budget.item()))
 
     def run_encode(self, job: p.Job):
-        engine = self.engine_for(p.ModelSpec.from_wire(job.model), True, job.id, text=True)
+        pair = (job.args["prompt"], job.args.get("negative", ""))
+        engine = self.engine_for(p.ModelSpec.from_wire(job.model), True, job.id, text=pair)
         self.state, self.phase = "encoding", "encode"
         self.send(p.Event(job.id, "encode", 0, 1))
-        positive, negative = engine.encode_prompt(job.args["prompt"], job.args.get("negative", ""))
+        positive, negative = engine.encode_prompt(*pair)
         self.send(p.Event(job.id, "encode", 1, 1))
         return [positive.cpu(), negative.cpu()]
 
