@@ -21,6 +21,9 @@ T5 runs; 50 steps; decode), all on the wall clock from the caller:
 6. ``prestarted_never_compiled`` (``--prestarted-never-compiled``): prestarted workers on new empty caches: a
    ComfyUI server's first job on a machine that never compiled.
 
+``--stages`` picks some of them (a 1.5-5b job is minutes: ``--stages prestarted_never_compiled`` is one new
+machine's first job alone, ``--stages diffusers`` diffusers' alone); ratios need both sides in one run.
+
 Each pool entry carries the pool's own account (``status()``: worker start-up phases, load, compile policy
 decision with cache counters and first-block timings, first step) so the time goes somewhere named.
 """
@@ -167,6 +170,21 @@ def prestarted_job(folder: Path, args, size) -> tuple[dict, dict]:
         shutdown_spares()
 
 
+STAGES = ("diffusers", "never_compiled", "compiled_machine", "prestarted", "prestarted_never_compiled")
+
+
+def chosen_stages(args) -> set[str]:
+    """The stages to run: ``--stages``, else the default set (see the module's docstring)."""
+    if args.stages is None:
+        stages = set(STAGES[:4]) | ({"prestarted_never_compiled"} if args.prestarted_never_compiled else set())
+    else:
+        stages = {s.strip() for s in args.stages.split(",") if s.strip()}
+        unknown = stages - set(STAGES)
+        if unknown:
+            raise SystemExit(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    return stages - ({"diffusers"} if args.no_diffusers else set())
+
+
 def ratio(diffusers_s: float | None, ours_s: float | None) -> float | None:
     return round(diffusers_s / ours_s, 3) if diffusers_s and ours_s else None
 
@@ -181,8 +199,11 @@ def main(argv=None) -> None:
     p.add_argument("--no-second-job", action="store_true", help="skip the job after the warm-up (saves time on 5b)")
     p.add_argument("--prestarted-never-compiled", action="store_true",
                    help="also time prestarted workers on new empty caches (stage 6)")
+    p.add_argument("--stages", default=None, help=f"comma-separated, of: {','.join(STAGES)} (default: 1-5, and 6 "
+                                                   "with --prestarted-never-compiled; --no-diffusers drops 1)")
     add_folder_args(p)
     args = p.parse_args(argv)
+    stages = chosen_stages(args)
     out, save = json_document(args)
 
     for name, size, folder, build_s in model_folders(args):
@@ -190,48 +211,53 @@ def main(argv=None) -> None:
         res["folder_build_s"] = build_s
         cache_root = Path(args.cache_root or tempfile.mkdtemp(prefix="xdit-cold-")) / name
         res["caches"] = fresh_caches(cache_root)
-        if not args.no_diffusers:
+        if "diffusers" in stages:
             res["diffusers"] = diffusers_first_job(folder, size, args)
             log(f"{name} diffusers: {res['diffusers']}")
             save()
-        pool = Pool(folder, args, size)
-        try:
-            res["never_compiled"] = pool.job()
-            log(f"{name} never compiled: {json.dumps(res['never_compiled'])[:600]}")
-            res["warmup_wait"] = pool.wait_for_warmup(args.warm_timeout)
-            if not args.no_second_job:
-                res["second_job"] = pool.job()
-                log(f"{name} second job: {json.dumps(res['second_job'])[:600]}")
+        if "never_compiled" in stages:
+            pool = Pool(folder, args, size)
+            try:
+                res["never_compiled"] = pool.job()
+                log(f"{name} never compiled: {json.dumps(res['never_compiled'])[:600]}")
+                res["warmup_wait"] = pool.wait_for_warmup(args.warm_timeout)
+                if not args.no_second_job:
+                    res["second_job"] = pool.job()
+                    log(f"{name} second job: {json.dumps(res['second_job'])[:600]}")
+                save()
+            finally:
+                pool.close()
+        if "compiled_machine" in stages:
+            pool = Pool(folder, args, size)
+            try:
+                res["compiled_machine"] = pool.job()
+                log(f"{name} compiled machine: {json.dumps(res['compiled_machine'])[:600]}")
+                res["warm"] = pool.job()
+                log(f"{name} warm: {json.dumps(res['warm'])[:300]}")
+            finally:
+                pool.close()
+        if "prestarted" in stages:
+            res["spare_wait"], res["prestarted"] = prestarted_job(folder, args, size)
+            log(f"{name} prestarted: {json.dumps(res['prestarted'])[:600]}")
             save()
-        finally:
-            pool.close()
-        pool = Pool(folder, args, size)
-        try:
-            res["compiled_machine"] = pool.job()
-            log(f"{name} compiled machine: {json.dumps(res['compiled_machine'])[:600]}")
-            res["warm"] = pool.job()
-            log(f"{name} warm: {json.dumps(res['warm'])[:300]}")
-        finally:
-            pool.close()
-        res["spare_wait"], res["prestarted"] = prestarted_job(folder, args, size)
-        log(f"{name} prestarted: {json.dumps(res['prestarted'])[:600]}")
-        save()
-        if args.prestarted_never_compiled:
+        if "prestarted_never_compiled" in stages:
             res["caches_never_compiled_prestarted"] = fresh_caches(cache_root.parent / f"{name}-prestarted-fresh")
             res["spare_wait_never_compiled"], res["prestarted_never_compiled"] = prestarted_job(folder, args, size)
             log(f"{name} prestarted, never compiled: {json.dumps(res['prestarted_never_compiled'])[:600]}")
         d = res.get("diffusers", {})
+
+        def whole(stage: str) -> float | None:
+            return res.get(stage, {}).get("whole_s")
+
         res["ratios_vs_diffusers"] = {
-            "never_compiled_first_job": ratio(d.get("first_job_s"), res["never_compiled"]["whole_s"]),
-            "compiled_machine_first_job": ratio(d.get("first_job_s"), res["compiled_machine"]["whole_s"]),
-            "compiled_machine_prestarted_first_job": ratio(d.get("first_job_s"), res["prestarted"]["whole_s"]),
-            "never_compiled_prestarted_first_job": ratio(d.get("first_job_s"),
-                                                         res.get("prestarted_never_compiled", {}).get("whole_s")),
-            "warm_job_vs_diffusers_job_after_load": ratio(d.get("job_s"), res["warm"]["whole_s"]),
-            "never_compiled_first_job_frames": ratio(d.get("first_job_frames_s"), res["never_compiled"]["whole_s"]),
-            "compiled_machine_first_job_frames": ratio(d.get("first_job_frames_s"),
-                                                       res["compiled_machine"]["whole_s"]),
-            "warm_job_frames": ratio(d.get("job_frames_s"), res["warm"]["whole_s"])}
+            "never_compiled_first_job": ratio(d.get("first_job_s"), whole("never_compiled")),
+            "compiled_machine_first_job": ratio(d.get("first_job_s"), whole("compiled_machine")),
+            "compiled_machine_prestarted_first_job": ratio(d.get("first_job_s"), whole("prestarted")),
+            "never_compiled_prestarted_first_job": ratio(d.get("first_job_s"), whole("prestarted_never_compiled")),
+            "warm_job_vs_diffusers_job_after_load": ratio(d.get("job_s"), whole("warm")),
+            "never_compiled_first_job_frames": ratio(d.get("first_job_frames_s"), whole("never_compiled")),
+            "compiled_machine_first_job_frames": ratio(d.get("first_job_frames_s"), whole("compiled_machine")),
+            "warm_job_frames": ratio(d.get("job_frames_s"), whole("warm"))}
         log(f"{name}: {res['ratios_vs_diffusers']}")
         save()
     save()

@@ -25,20 +25,6 @@ part=$1
 PART_S=${PART_S:-570}
 . benchmarks/gpu_session_lib.sh
 
-cold() {  # cold NAME GPU MODEL LIMIT [ARGS...]: cold_start.py for MODEL on GPU (no second job; the shared caches)
-  local name=$1 gpu=$2 model=$3 limit=$4; shift 4
-  CUDA_VISIBLE_DEVICES=$gpu step "$name" "$limit" python3 benchmarks/cold_start.py --models "$model" --no-second-job \
-      --models-dir /tmp/models --cache-root /tmp/cold "$@" --out "$OUT/$name.json"
-}
-build() {  # build GPU MODEL
-  CUDA_VISIBLE_DEVICES=$1 python3 -c "
-import sys; sys.path.insert(0, 'benchmarks')
-from pathlib import Path
-from pool_bench import build_folder
-print(build_folder('$2', Path('/tmp/models'), False, 'cuda:0'), flush=True)
-" > "$OUT/A_build_$2.log" 2>&1
-}
-
 if [ "$part" = A ]; then
   setup_first
   export PYTHONPATH=/tmp/site:$PWD

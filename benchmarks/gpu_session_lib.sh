@@ -1,6 +1,7 @@
 # Shared by the gpu_session*.sh scripts (sourced, not run): the FA4 set-up in two device calls,
 # a per-part clock, `step` (one benchmark under its own `timeout`, cut to what the part has left), the GPU clock
-# logger `clocks` with `wait_runs` and `stop_clocks`, `install_xfuser`, and the NCCL settings every part runs with.
+# logger `clocks` with `wait_runs` and `stop_clocks`, `install_xfuser`, `build` (a random-weight model folder),
+# `cold` (cold_start.py on one GPU), and the NCCL settings every part runs with.
 #
 # Set-up (the machine must stay warm between the calls; a fresh machine needs both again):
 #   part setup   carry [".whl", ".fa4/p1"]          project wheels into /tmp/site; first half of the cu13 wheel
@@ -79,4 +80,20 @@ stop_clocks() { [ -n "$CLOCKS_PID" ] && kill "$CLOCKS_PID" 2>/dev/null; }
 install_xfuser() {
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/xdit \
       .fa4/xfuser/*.whl || { echo "part $part: carry .fa4/xfuser"; exit 3; }
+}
+
+# cold NAME GPU MODEL LIMIT [ARGS...]: cold_start.py for MODEL on GPU (no second job; the caches under /tmp/cold)
+cold() {
+  local name=$1 gpu=$2 model=$3 limit=$4; shift 4
+  CUDA_VISIBLE_DEVICES=$gpu step "$name" "$limit" python3 benchmarks/cold_start.py --models "$model" --no-second-job \
+      --models-dir /tmp/models --cache-root /tmp/cold "$@" --out "$OUT/$name.json"
+}
+# build GPU MODEL: pool_bench.build_folder's random-weight diffusers folder under /tmp/models
+build() {
+  CUDA_VISIBLE_DEVICES=$1 python3 -c "
+import sys; sys.path.insert(0, 'benchmarks')
+from pathlib import Path
+from pool_bench import build_folder
+print(build_folder('$2', Path('/tmp/models'), False, 'cuda:0'), flush=True)
+" > "$OUT/A_build_$2.log" 2>&1
 }
