@@ -22,7 +22,7 @@ PART_S=${PART_S:-565}
 xfuser() {  # xfuser NAME GPU LIMIT ARGS...: xfuser_bench.py on one GPU under torchrun
   local name=$1 gpu=$2 limit=$3; shift 3
   CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH=/tmp/xdit:$PYTHONPATH step "$name" "$limit" torchrun --nproc_per_node=1 \
-      benchmarks/xfuser_bench.py "$@" --out "$OUT/$name.json"
+      --master_port=$((29500 + gpu)) benchmarks/xfuser_bench.py "$@" --out "$OUT/$name.json"
 }
 
 if [ "$part" = D7 ]; then
@@ -52,7 +52,8 @@ if [ "$part" = N4 ]; then
   clocks
   CUDA_VISIBLE_DEVICES=0 step N4_cudnn_15 540 python3 benchmarks/pool_bench.py --models 1.5-5b --no-diffusers \
       --pools "0=1" --attention cudnn --cold-steps 2 --models-dir /tmp/models --out "$OUT/N4_cudnn_15.json" &
-  cold N4_cold_15 1 1.5-5b 540 --stages prestarted_never_compiled &
+  ( cold N4_cold_15 1 1.5-5b 440 --stages prestarted_never_compiled
+    xfuser N4_xfuser_15_steps 1 110 --models 1.5-5b --steps 1.5-5b=3 --warmup 1 --budget @BUDGET@ ) &
   wait_runs
   stop_clocks
 fi

@@ -6,7 +6,9 @@ The compile policy ``auto`` (``OptimizeOptions.compile_policy``) decides per job
   exact shapes/strides of the block inputs, i.e. size and layout) were compiled on this machine before: Dynamo
   traces again (seconds) and Inductor loads the graphs from its on-disk FX-graph / AOT-autograd / Triton caches.
 - **compiled: pays off** -- no cache, but the eager step measured at step ``DECIDE_AT_STEP`` says the
-  remaining steps save more than a cold compile costs (``COMPILED_STEP_GAIN``, ``COLD_COMPILE_S``).
+  remaining steps save more than a cold compile costs (``COMPILED_STEP_GAIN``, ``COLD_COMPILE_S``). The job
+  compiles from that step, and a warm-up of the same key this process started (at step 0) is stopped: it would only
+  compete with the job for the GPU and the CPU.
 - **eager** otherwise, and the cache is warmed for the next job without delaying this one.
 
 How the cache is warmed, of three candidates:
@@ -257,6 +259,21 @@ class Warmup:
             self.state = f"failed (exit {code}, see {self.lock.with_suffix('.log')})"
         self.lock.unlink(missing_ok=True)
         return self.state
+
+    def cancel(self, why: str) -> None:
+        """Stop a running warm-up whose graphs this process now compiles itself: it would only compete with the job
+        for the GPU and the CPU (session 7: a 1.5-5b warm-up ran beside its whole 5-minute job after the job had
+        compiled the same graphs at step 2)."""
+        if self.poll() != "running":
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.state = f"cancelled: {why}"
+        self.lock.unlink(missing_ok=True)
 
     def wait(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout

@@ -382,6 +382,9 @@ class Optimizer:
             if cc.pays_off(self._steps - self._step, eager_step):
                 self.compiled = True
                 self.report["why"] = f"compiled from step {self._step}: pays off within this job"
+                warmup = self.warmups.get(self._key)
+                if warmup is not None:
+                    warmup.cancel("this job compiles the same graphs itself")
                 return True
         return False
 

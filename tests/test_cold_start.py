@@ -98,6 +98,9 @@ class _FakeWarmup:
         _FakeWarmup.started.append(self)
         return self
 
+    def cancel(self, why):
+        self.cancelled = why
+
     def poll(self):
         return "running"
 
@@ -142,6 +145,7 @@ def test_policy_auto_in_jobs(tiny_path, tmp_path, monkeypatch):
     assert _rel(engine.generate(GenerationRequest(**REQUEST)), reference) < 1e-5
     report = engine.optimizer.compile_report()
     assert report["why"] == f"compiled from step {cc.DECIDE_AT_STEP}: pays off within this job", report
+    assert warm.cancelled == "this job compiles the same graphs itself"  # the first job's warm-up: now redundant
     assert calls["pre"] == calls["post"] == blocks * (REQUEST["steps"] - cc.DECIDE_AT_STEP)
     assert marked == [report["key"]] and report["key"] in optimize._IN_MEMORY
 
@@ -167,6 +171,22 @@ def _child(model: Path, prefix: Path, env: dict, *flags: str) -> dict:
 
 
 @pytest.mark.timeout(900)
+def test_a_cancelled_warm_up_process_ends_and_frees_its_key(tmp_path, monkeypatch):
+    """Warmup.cancel stops the child (a job that compiles the same graphs itself), removes the key's lock so a
+    later warm-up may start, and says why; a warm-up that already ended is left as it is."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    warm = cc.Warmup("k" * 24, {"key": "k" * 24}).start()  # the child imports torch for seconds: still running
+    assert warm.poll() == "running" and warm.lock.exists()
+    warm.cancel("this job compiles the same graphs itself")
+    assert warm.proc.poll() is not None and not warm.lock.exists()
+    assert warm.describe()["state"] == "cancelled: this job compiles the same graphs itself"
+    again = cc.Warmup("k" * 24, {"key": "k" * 24}).start()
+    assert again.poll() == "running"  # the key is free again
+    again.cancel("test over")
+    again.cancel("twice")  # no longer running: nothing to do
+    assert again.state == "cancelled: test over"
+
+
 def test_warm_up_then_cache_hit_in_a_new_process(tiny_path, tmp_path):
     """A first process runs eager and its background warm-up compiles; a second process on the same caches loads
     the graphs from them while its weights load (the prefetch: Inductor's FX-graph and AOT-autograd caches hit,
