@@ -46,6 +46,7 @@ def main(argv=None):
                    help="instead of per-step timing: load MODELS_DIR/<model> (a diffusers folder, e.g. pool_bench's) "
                         "as xfuser's example script does and time two whole jobs (prompt -> T5 -> steps -> decode)")
     p.add_argument("--job-steps", type=int, default=50)
+    p.add_argument("--jobs", type=int, choices=(1, 2), default=2, help="whole jobs after the load (1: the cold one)")
     p.add_argument("--first-job-steps", type=int, default=None,
                    help="steps of the first whole job (default --job-steps): fewer still pay --compile's compile, "
                         "so the second, warm job fits a time limit at 1.5-5b")
@@ -187,7 +188,7 @@ def whole_jobs(folder: Path, size: tuple, engine_config, args, device: torch.dev
         sync()
         row: dict = {"load_s": round(time.perf_counter() - t, 2), "steps": args.job_steps, "world": world}
         row["first_job_steps"] = args.first_job_steps or args.job_steps
-        for job, steps in (("first_job", row["first_job_steps"]), ("second_job", args.job_steps)):
+        for job, steps in (("first_job", row["first_job_steps"]), ("second_job", args.job_steps))[:args.jobs]:
             t = time.perf_counter()
             video = xpipe(prompt=PROMPT, height=height, width=width, num_frames=frames,
                           num_inference_steps=steps, guidance_scale=6.0,
