@@ -19,12 +19,6 @@ part=$1
 PART_S=${PART_S:-565}
 . benchmarks/gpu_session_lib.sh
 
-xfuser() {  # xfuser NAME GPU LIMIT ARGS...: xfuser_bench.py on one GPU under torchrun
-  local name=$1 gpu=$2 limit=$3; shift 3
-  CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH=/tmp/xdit:$PYTHONPATH step "$name" "$limit" torchrun --nproc_per_node=1 \
-      --master_port=$((29500 + gpu)) benchmarks/xfuser_bench.py "$@" --out "$OUT/$name.json"
-}
-
 if [ "$part" = D7 ]; then
   ensure_env
   install_xfuser

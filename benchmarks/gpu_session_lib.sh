@@ -1,7 +1,8 @@
 # Shared by the gpu_session*.sh scripts (sourced, not run): the FA4 set-up in two device calls,
 # a per-part clock, `step` (one benchmark under its own `timeout`, cut to what the part has left), the GPU clock
 # logger `clocks` with `wait_runs` and `stop_clocks`, `install_xfuser`, `build` (a random-weight model folder),
-# `cold` (cold_start.py on one GPU), and the NCCL settings every part runs with.
+# `cold` (cold_start.py on one GPU), `xfuser` (xfuser_bench.py on one GPU), and the NCCL settings every part
+# runs with.
 #
 # Set-up (the machine must stay warm between the calls; a fresh machine needs both again):
 #   part setup   carry [".whl", ".fa4/p1"]          project wheels into /tmp/site; first half of the cu13 wheel
@@ -96,4 +97,11 @@ from pathlib import Path
 from pool_bench import build_folder
 print(build_folder('$2', Path('/tmp/models'), False, 'cuda:0'), flush=True)
 " > "$OUT/A_build_$2.log" 2>&1
+}
+# xfuser NAME GPU LIMIT ARGS...: xfuser_bench.py on one GPU under torchrun (one rendezvous port per GPU, so two
+# run side by side; session 7's N3 lost one to EADDRINUSE)
+xfuser() {
+  local name=$1 gpu=$2 limit=$3; shift 3
+  CUDA_VISIBLE_DEVICES=$gpu PYTHONPATH=/tmp/xdit:$PYTHONPATH step "$name" "$limit" torchrun --nproc_per_node=1 \
+      --master_port=$((29500 + gpu)) benchmarks/xfuser_bench.py "$@" --out "$OUT/$name.json"
 }
