@@ -109,9 +109,15 @@ def diffusers_first_job(folder: Path, size, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
     t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "--diffusers-child", str(folder), json.dumps(list(size)),
-                    str(args.steps), args.device, out, "warm" if args.diffusers_warm else "once"], check=True,
-                   timeout=1200)
+    try:
+        subprocess.run([sys.executable, __file__, "--diffusers-child", str(folder), json.dumps(list(size)),
+                        str(args.steps), args.device, out, "warm" if args.diffusers_warm else "once"], check=True,
+                       timeout=1200)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+        if not Path(out).stat().st_size:  # not even the first job: nothing to keep
+            os.unlink(out)
+            raise
+        log(f"diffusers' child ended early ({type(error).__name__}); keeping its first job")
     row = json.loads(Path(out).read_text())
     row["process_s"] = round(time.perf_counter() - t, 2)  # interpreter and imports included
     os.unlink(out)

@@ -34,8 +34,9 @@ trace and Inductor's load of its code and kernels; session 6). A marker also rec
 whose recorded inputs give its own key under this model and these options) and loads them on a thread while its
 weights load: one block with the same structure on the device, called once (``optimize.CompilePrefetch``,
 ``run_block_graphs``). Dynamo's guards do not tie the graphs to that block, so every real block reuses them. The
-thread holds the construction lock exclusively while it builds the block and shared while it calls it (a trace
-beside a model build failed; beside the load's optimize step or T5's encode it runs). A wrong guess costs that wait and the thread's time: the
+thread builds the block on the meta device (a mode of its own thread) and holds the construction lock shared while
+it builds and calls it (a trace beside a model build failed; beside the load's optimize step or T5's encode it
+runs). A wrong guess costs that wait and the thread's time: the
 job's own key decides as above.
 """
 
@@ -257,7 +258,7 @@ class Warmup:
             self.state = "done"
         else:
             self.state = f"failed (exit {code}, see {self.lock.with_suffix('.log')})"
-        self.lock.unlink(missing_ok=True)
+        self._release_lock()
         return self.state
 
     def cancel(self, why: str) -> None:
@@ -268,12 +269,19 @@ class Warmup:
             return
         self.proc.terminate()
         try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
+            self.proc.wait(1)
+        except subprocess.TimeoutExpired:  # never hold the job up: SIGKILL, reaped by the OS when we exit
             self.proc.kill()
-            self.proc.wait(10)
         self.state = f"cancelled: {why}"
-        self.lock.unlink(missing_ok=True)
+        self._release_lock()
+
+    def _release_lock(self) -> None:
+        """Remove the key's lock if it is still ours (a dead holder's lock may have been taken over meanwhile)."""
+        try:
+            if self.lock.read_text().strip() == str(self.proc.pid):
+                self.lock.unlink(missing_ok=True)
+        except OSError:
+            pass
 
     def wait(self, timeout: float) -> str:
         deadline = time.monotonic() + timeout
@@ -343,28 +351,26 @@ def run_block_graphs(job: dict, device: torch.device, construction=None) -> None
     """Build one block of ``job``'s model with its options on ``device`` and call the two compiled graphs once on
     tensors of its recorded specs: compiles them, or loads them from the caches. Weights and buffers are zeros (a
     graph does not depend on values; a random init of a 5b block costs seconds of CPU). ``construction``: the
-    ``ConstructionLock``, held exclusively for the build (accelerate patches torch.nn and ``torch.empty`` for every
-    thread while it builds) and shared for the calls (a trace beside a build can fail or record the wrong dtype;
-    beside a fuse, an encode or another trace it is fine)."""
+    ``ConstructionLock``, held shared throughout: the block is built under ``torch.device("meta")``, a mode of this
+    thread only (accelerate's ``init_empty_weights`` would patch ``torch.nn`` and ``torch.empty`` for every thread),
+    and a build elsewhere must not run beside the build or the trace (it changes the default dtype)."""
     import contextlib
 
-    from accelerate import init_empty_weights
     from diffusers import CogVideoXTransformer3DModel
 
     from .optimize import OptimizeOptions, _compiled, optimize_transformer
 
     options = OptimizeOptions(**job["options"])
-    with construction if construction is not None else contextlib.nullcontext():
-        with init_empty_weights(include_buffers=True):
+    with construction.shared() if construction is not None else contextlib.nullcontext():
+        with torch.device("meta"):
             transformer = CogVideoXTransformer3DModel.from_config(dict(job["config"], num_layers=1))
         transformer = transformer.to_empty(device=device).to(getattr(torch, job["dtype"]))
         for tensor in [*transformer.parameters(), *transformer.buffers()]:
             tensor.data.zero_()
         transformer.eval().requires_grad_(False)
         optimize_transformer(transformer, options)
-    block = transformer.transformer_blocks[0]
-    pre, post = _compiled(options.compile_mode)
-    with construction.shared() if construction is not None else contextlib.nullcontext():
+        block = transformer.transformer_blocks[0]
+        pre, post = _compiled(options.compile_mode)
         pre(block, *_args(job["pre"], device))
         post(block, *_args(job["post"], device))
         if device.type == "cuda":

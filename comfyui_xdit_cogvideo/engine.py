@@ -66,7 +66,7 @@ class CogVideoEngine:
             if attention == "auto":  # the kernel's self-test (flash-attn's import and JIT)
                 probe_kernel(self.device)
             if preload_text and self.resolved.text_encoder is not None and self.resolved.tokenizer is not None:
-                first = preload_text if isinstance(preload_text, tuple) else None
+                first = tuple(preload_text) if isinstance(preload_text, (tuple, list)) else None
                 self._text_preload = _TextPreload(self, first, ModelInfo.from_config(model.config).text_len)
             if self.memory.name == "fast" and self.resolved.storage != "fp8":  # fp8-resident fuses no QKV: other
                 self._prefetch_compiled(model, optimize)  # graphs than the options say; none guessed for it
@@ -285,7 +285,7 @@ class CogVideoEngine:
                 self._text = preload.result()  # its error, if any, is raised here, as a load here would
                 self._text[1].to(self._text_home())  # the memory plan may have changed since it started
                 self._early_text = preload.early
-                self.timings["text_preload_s"] = preload.seconds  # its own duration, overlapped with the load
+                self.timings["text_preload_s"] = preload.seconds  # its own duration (load, early encode), overlapped
                 if preload.early is not None:
                     self.timings["text_early_encode_s"] = preload.early.seconds
             else:

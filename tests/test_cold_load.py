@@ -188,6 +188,8 @@ def test_the_first_prompt_is_encoded_on_the_preload_thread_with_the_same_embeddi
 
     def encode(*args, **kwargs):
         calls.append((threading.current_thread().name, args[2], args[3]))
+        if threading.current_thread().name == "xdit-text-preload":  # never beside a model build
+            assert loading.CONSTRUCTION_LOCK._shared[threading.get_ident()] == 1
         return real(*args, **kwargs)
 
     monkeypatch.setattr(engine_module, "encode_text", encode)

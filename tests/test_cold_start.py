@@ -170,7 +170,6 @@ def _child(model: Path, prefix: Path, env: dict, *flags: str) -> dict:
     return json.loads(Path(f"{prefix}.json").read_text())
 
 
-@pytest.mark.timeout(900)
 def test_a_cancelled_warm_up_process_ends_and_frees_its_key(tmp_path, monkeypatch):
     """Warmup.cancel stops the child (a job that compiles the same graphs itself), removes the key's lock so a
     later warm-up may start, and says why; a warm-up that already ended is left as it is."""
@@ -187,6 +186,7 @@ def test_a_cancelled_warm_up_process_ends_and_frees_its_key(tmp_path, monkeypatc
     assert again.state == "cancelled: test over"
 
 
+@pytest.mark.timeout(900)
 def test_warm_up_then_cache_hit_in_a_new_process(tiny_path, tmp_path):
     """A first process runs eager and its background warm-up compiles; a second process on the same caches loads
     the graphs from them while its weights load (the prefetch: Inductor's FX-graph and AOT-autograd caches hit,

@@ -73,11 +73,11 @@ def test_the_optimize_step_runs_beside_a_trace_but_not_beside_a_build(tiny_path)
     a model build (exclusive) does."""
     transformer = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none").transformer
     entered, log = threading.Event(), []
-    trace = _hold(CONSTRUCTION_LOCK.shared, entered, 1.5, log, "trace")
+    trace = _hold(CONSTRUCTION_LOCK.shared, entered, 5.0, log, "trace")
     assert entered.wait(10)
     started = time.perf_counter()
     CogVideoEngine.from_components(transformer, attention="sdpa", optimize="fuse")
-    assert time.perf_counter() - started < 1.0
+    assert time.perf_counter() - started < 3.0
     trace.join(10)
 
     fresh = CogVideoEngine(str(tiny_path("2b")), dtype="fp32", optimize="none").transformer
