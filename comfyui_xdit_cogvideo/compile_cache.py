@@ -347,34 +347,31 @@ def prefetch_candidate(key_of: Callable[[list], str]) -> dict | None:
 
 
 @torch.no_grad()
-def run_block_graphs(job: dict, device: torch.device, construction=None) -> None:
+def run_block_graphs(job: dict, device: torch.device) -> None:
     """Build one block of ``job``'s model with its options on ``device`` and call the two compiled graphs once on
     tensors of its recorded specs: compiles them, or loads them from the caches. Weights and buffers are zeros (a
-    graph does not depend on values; a random init of a 5b block costs seconds of CPU). ``construction``: the
-    ``ConstructionLock``, held shared throughout: the block is built under ``torch.device("meta")``, a mode of this
-    thread only (accelerate's ``init_empty_weights`` would patch ``torch.nn`` and ``torch.empty`` for every thread),
-    and a build elsewhere must not run beside the build or the trace (it changes the default dtype)."""
-    import contextlib
-
+    graph does not depend on values; a random init of a 5b block costs seconds of CPU). The block is built under
+    ``torch.device("meta")``, a mode of this thread only (accelerate's ``init_empty_weights`` would patch
+    ``torch.nn`` and ``torch.empty`` for every thread), so beside other threads it only needs the construction lock
+    held shared (a build elsewhere changes the default dtype under the build and the trace)."""
     from diffusers import CogVideoXTransformer3DModel
 
     from .optimize import OptimizeOptions, _compiled, optimize_transformer
 
     options = OptimizeOptions(**job["options"])
-    with construction.shared() if construction is not None else contextlib.nullcontext():
-        with torch.device("meta"):
-            transformer = CogVideoXTransformer3DModel.from_config(dict(job["config"], num_layers=1))
-        transformer = transformer.to_empty(device=device).to(getattr(torch, job["dtype"]))
-        for tensor in [*transformer.parameters(), *transformer.buffers()]:
-            tensor.data.zero_()
-        transformer.eval().requires_grad_(False)
-        optimize_transformer(transformer, options)
-        block = transformer.transformer_blocks[0]
-        pre, post = _compiled(options.compile_mode)
-        pre(block, *_args(job["pre"], device))
-        post(block, *_args(job["post"], device))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel.from_config(dict(job["config"], num_layers=1))
+    transformer = transformer.to_empty(device=device).to(getattr(torch, job["dtype"]))
+    for tensor in [*transformer.parameters(), *transformer.buffers()]:
+        tensor.data.zero_()
+    transformer.eval().requires_grad_(False)
+    optimize_transformer(transformer, options)
+    block = transformer.transformer_blocks[0]
+    pre, post = _compiled(options.compile_mode)
+    pre(block, *_args(job["pre"], device))
+    post(block, *_args(job["post"], device))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _tensor(spec: dict, device: torch.device) -> torch.Tensor:

@@ -315,7 +315,7 @@ class CogVideoEngine:
         tokenizer, encoder = self._text_encoder()
         where = torch.device("cpu") if self.memory.text == "cpu" else self.device
         early, self._early_text = self._early_text, None  # used once: later jobs encode as usual
-        if early is not None and early.key == (prompt, negative_prompt, str(where), self.info.text_len, self.dtype):
+        if early is not None and early.key == _text_key(prompt, negative_prompt, where, self.info.text_len, self.dtype):
             return early.positive.to(self.device), early.negative.to(self.device)
         if self.memory.text == "swap":
             encoder.to(self.device)
@@ -445,9 +445,14 @@ def encode_text(tokenizer, encoder, prompt: str, negative_prompt: str, text_len:
                               max_sequence_length=text_len, device=where, dtype=dtype)
 
 
+def _text_key(prompt: str, negative_prompt: str, where: torch.device, text_len: int, dtype: torch.dtype) -> tuple:
+    """What makes two encodes give the same embeddings: the prompt pair, where T5 runs, the length, the dtype."""
+    return prompt, negative_prompt, str(where), text_len, dtype
+
+
 class _EarlyText:
-    """The first job's embeddings, encoded by the T5 preload; ``key`` says for which prompt pair, device, length
-    and dtype they hold."""
+    """The first job's embeddings, encoded by the T5 preload; ``key`` (``_text_key``) says for which encode they
+    hold."""
 
     def __init__(self, key: tuple, positive: torch.Tensor, negative: torch.Tensor, seconds: float):
         self.key, self.positive, self.negative, self.seconds = key, positive, negative, seconds
@@ -494,7 +499,7 @@ class _TextPreload:
             logging.getLogger(__name__).warning("the first prompt was not encoded early: %s: %s",
                                                 type(error).__name__, error)
             return
-        key = (*prompt, str(where), text_len, dtype)
+        key = _text_key(*prompt, where, text_len, dtype)
         self.early = _EarlyText(key, positive, negative, round(time.perf_counter() - mark, 3))
 
     def result(self):

@@ -555,10 +555,10 @@ class CompilePrefetch:
 
         started = time.perf_counter()
         try:
-            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-                with construction.shared() if construction is not None else contextlib.nullcontext():
-                    cc.load_artifacts(self.key)
-                cc.run_block_graphs(self.job, self.device, construction)
+            with torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext(), \
+                    construction.shared() if construction is not None else contextlib.nullcontext():
+                cc.load_artifacts(self.key)
+                cc.run_block_graphs(self.job, self.device)
             _IN_MEMORY.add(self.key)
             self.state = "done"
         except Exception as error:  # noqa: BLE001 - a failed guess costs nothing: the job decides for itself
