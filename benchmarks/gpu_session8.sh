@@ -1,5 +1,5 @@
 #!/bin/bash
-# Planned for the next session on a fresh nvidia-h200-x2 (issue 17's last cells), after `gpu_session6.sh A`
+# Issue 17's last cells, on a fresh nvidia-h200-x2 (issue 17's last cells), after `gpu_session6.sh A`
 # (carry [.whl, .fa4/p1]: wheels; folders 2b, 5b, 1.5-5b), chained on one warm machine (/tmp/cold is shared, so E2
 # finds the compiled machine E1 left):
 #   E1 carry [.fa4/p2, .fa4/wheels]
@@ -13,6 +13,11 @@
 #   E3 carry [.fa4/xfuser]
 #      GPU 0: xfuser --use_torch_compile on 1.5-5b: its 50-step first job (compile inside), cold
 #      GPU 1: xfuser without its compile on 1.5-5b: its 50-step first job
+#   E4 carry []  (added in the session with the 2.5 device minutes left; ran as one inline command)
+#      GPU 0: ours without flash-attn-4 on 5b, a new pool on a never-compiled machine (its own caches)
+#      GPU 1: ours without flash-attn-4 on 2b, prestarted workers on a never-compiled machine (its own caches)
+# Ran 2026-11-30 (session 8): raw logs and JSON in benchmarks/results/2026-11-30-h200x2-session8/, tables in
+# BENCHMARKS.md "Session 8".
 part=$1
 PART_S=${PART_S:-565}
 . benchmarks/gpu_session_lib.sh
@@ -44,6 +49,15 @@ if [ "$part" = E3 ]; then
   clocks
   xfuser E3_xfuser_15_compile_job 0 565 --whole-job /tmp/models --models 1.5-5b --compile --jobs 1 &
   xfuser E3_xfuser_15_job 1 565 --whole-job /tmp/models --models 1.5-5b --jobs 1 &
+  wait_runs
+  stop_clocks
+fi
+if [ "$part" = E4 ]; then
+  ensure_env
+  clocks
+  cold E4_cudnn_cold_5b 0 5b 190 --attention cudnn --stages never_compiled --warm-timeout 5 --cache-root /tmp/cold-cudnn &
+  cold E4_cudnn_pre_2b 1 2b 150 --attention cudnn --stages prestarted_never_compiled \
+      --cache-root /tmp/cold-cudnn-pre &
   wait_runs
   stop_clocks
 fi
