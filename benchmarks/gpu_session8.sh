@@ -1,5 +1,5 @@
 #!/bin/bash
-# Issue 17's last cells, on a fresh nvidia-h200-x2 (issue 17's last cells), after `gpu_session6.sh A`
+# Issue 17's last cells, on a fresh nvidia-h200-x2, after `gpu_session6.sh A`
 # (carry [.whl, .fa4/p1]: wheels; folders 2b, 5b, 1.5-5b), chained on one warm machine (/tmp/cold is shared, so E2
 # finds the compiled machine E1 left):
 #   E1 carry [.fa4/p2, .fa4/wheels]
@@ -13,7 +13,7 @@
 #   E3 carry [.fa4/xfuser]
 #      GPU 0: xfuser --use_torch_compile on 1.5-5b: its 50-step first job (compile inside), cold
 #      GPU 1: xfuser without its compile on 1.5-5b: its 50-step first job
-#   E4 carry []  (added in the session with the 2.5 device minutes left; ran as one inline command)
+#   E4 carry []  (added with the last 5 device minutes; ran as the same commands typed inline, PART_S=200)
 #      GPU 0: ours without flash-attn-4 on 5b, a new pool on a never-compiled machine (its own caches)
 #      GPU 1: ours without flash-attn-4 on 2b, prestarted workers on a never-compiled machine (its own caches)
 # Ran 2026-11-30 (session 8): raw logs and JSON in benchmarks/results/2026-11-30-h200x2-session8/, tables in
