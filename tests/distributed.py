@@ -1,4 +1,9 @@
-"""Run a function on N gloo ranks in spawned processes and collect what each returns (as numpy)."""
+"""Run a function on N gloo ranks in fresh processes and collect what each returns (as numpy).
+
+The ranks start from a fork server that imported torch, diffusers and the engine once per test session: a
+spawned rank imported them again (about 4 s of CPU each), which on CI's two cores made the rank worlds' start-up a
+large share of the suite. Each rank then takes the caller's current environment (a fork server's is the one it
+started with), so a test's ``monkeypatch.setenv`` still reaches its ranks."""
 
 from __future__ import annotations
 
@@ -19,9 +24,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args, queue):
+# What every rank imports, once in the fork server (the engine brings torch's compiler; diffusers' CogVideoX
+# pipeline brings transformers' T5). Settings these modules read at import time come from the environment the fork
+# server started with; those the tests change (TORCHINDUCTOR_CACHE_DIR, XDIT_COGVIDEO_*) are read when used.
+PRELOAD = ["torch.distributed", "comfyui_xdit_cogvideo.engine", "diffusers.pipelines.cogvideo.pipeline_cogvideox",
+           "transformers.models.t5.modeling_t5"]
+
+
+def _entry(rank, world, port, fn, args, queue, environ):
+    os.environ.clear()
+    os.environ.update(environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         queue.put((rank, fn(rank, *args), None))
@@ -38,10 +51,12 @@ def run_world(world: int, fn, *args, timeout: float = 600):
     Results must be picklable by value (convert tensors with ``.numpy()``). A rank that fails, dies or
     outlives ``timeout`` fails the run and every process is killed, so a test never hangs.
     """
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue), daemon=True) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, dict(os.environ)), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     results, errors, received = [None] * world, [], 0
