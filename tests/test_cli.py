@@ -329,7 +329,10 @@ def test_ctrl_c_stops_the_workers_and_exits_130(tiny_path, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "comfyui_xdit_cogvideo", "generate", "--model", "tiny",
                              "--prompt", "a cat", "--steps", "1000", "--frames", "49", "--height", "96", "--width",
                              "144", "--world-size", "2", "--output", str(tmp_path / "x.mp4")],
-                            env=env, stderr=subprocess.PIPE, text=True)
+                            env=env, stderr=subprocess.PIPE, text=True,
+                            # as from a terminal: a runner started in the background (`cmd &`, nohup) passes
+                            # SIGINT on ignored, and the CLI rightly keeps ignoring it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in proc.stderr:  # wait until sampling runs
             if line.startswith("sampling 1/"):

@@ -294,7 +294,7 @@ def _sharded_policy(rank, model):
     from comfyui_xdit_cogvideo import Layout
     from comfyui_xdit_cogvideo.parallel import ParallelGroups
 
-    cc.Warmup = _FakeWarmup  # this spawned rank's own module state
+    cc.Warmup = _FakeWarmup  # this rank's own module state (a process of its own)
     groups = ParallelGroups.create(Layout(1, 2))
     request = GenerationRequest(**dict(REQUEST, steps=1))
     plain = CogVideoEngine(str(model), dtype="fp32", groups=groups, optimize="fuse,compile,contiguous_v")
