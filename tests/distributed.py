@@ -25,8 +25,10 @@ def free_port() -> int:
 
 
 # What every rank imports, once in the fork server (the engine brings torch's compiler; diffusers' CogVideoX
-# pipeline brings transformers' T5). Settings these modules read at import time come from the environment the fork
-# server started with; those the tests change (TORCHINDUCTOR_CACHE_DIR, XDIT_COGVIDEO_*) are read when used.
+# pipeline brings transformers' T5). The fork server starts in the first run_world call, under that test's
+# environment: settings read at import time come from it (OMP_NUM_THREADS: every rank sets its thread count
+# itself). Those the tests change (TORCHINDUCTOR_CACHE_DIR, XDIT_COGVIDEO_*) are read when used, from the
+# environment each rank restores from its caller.
 PRELOAD = ["torch.distributed", "comfyui_xdit_cogvideo.engine", "diffusers.pipelines.cogvideo.pipeline_cogvideox",
            "transformers.models.t5.modeling_t5"]
 
