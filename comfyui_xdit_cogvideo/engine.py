@@ -334,6 +334,12 @@ class CogVideoEngine:
         """Whether ``request`` makes the engine encode text (what ``preload_text`` is for)."""
         return request.prompt_embeds is None or (request.use_cfg and request.negative_prompt_embeds is None)
 
+    @staticmethod
+    def prompt_pair(request: GenerationRequest) -> tuple[str, str]:
+        """The (prompt, negative prompt) this engine encodes for ``request``: what ``preload_text`` may encode
+        early, which serves the job only if both derive the pair alike."""
+        return request.prompt or "", request.negative_prompt
+
     def _embeddings(self, r: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Leader encodes whatever text is missing; all ranks receive the same tensors."""
         if not self.needs_text(r):
@@ -342,7 +348,7 @@ class CogVideoEngine:
         pair, failure = torch.empty((2, *shape)), None
         if self.groups.is_leader:
             try:
-                positive, negative = self.encode_prompt(r.prompt or "", r.negative_prompt)
+                positive, negative = self.encode_prompt(*self.prompt_pair(r))
                 pair = torch.stack([positive, negative]).float().cpu()
             except Exception as error:  # every rank must leave the broadcast below, then all raise
                 failure = error

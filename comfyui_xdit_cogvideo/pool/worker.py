@@ -354,7 +354,7 @@ class Worker:
         request = GenerationRequest(**args["request"])
         started, loads = time.perf_counter(), self.loads
         text = groups.is_leader and CogVideoEngine.needs_text(request)  # the leader encodes: T5 loads alongside,
-        first = (request.prompt or "", request.negative_prompt) if text else False  # and encodes this job's prompt
+        first = CogVideoEngine.prompt_pair(request) if text else False  # and encodes this job's prompt
         engine = self.engine_for(spec, groups.is_leader, job.id, plan, text=first)
         loaded = time.perf_counter()
         self.configure(engine, groups, spec.attention)
